@@ -1,0 +1,869 @@
+"""
+tinyllava: LLaVA (Visual Instruction Tuning) from scratch, in one file.
+
+    image ─► ViT (CLIP / SigLIP) ─► hidden state of the penultimate layer, CLS dropped   (n_img, N, Dv)
+          ─► projector (mlp2x_gelu)                                                    (n_img, N, D)
+          ─► spliced into the token embeddings where the -200 placeholder stands        (B, T', D)
+          ─► Llama-style decoder ─► logits ─► shifted cross-entropy on the answer tokens
+
+The file reads top to bottom: building blocks, the vision tower, the projector, the language model,
+the LLaVA glue, loading/saving, generation, and a small command line.
+Module names copy the Hugging Face checkpoint keys, so loading a checkpoint is (nearly) the identity.
+
+References:
+  Liu et al. 2023, "Visual Instruction Tuning" (LLaVA)      https://arxiv.org/abs/2304.08485
+  Liu et al. 2023, "Improved Baselines with Visual Instruction Tuning" (LLaVA-1.5, mlp2x_gelu, 'pad')
+  Radford et al. 2021 (CLIP); Zhai et al. 2023 (SigLIP); Touvron et al. 2023 (Llama); Su et al. 2021 (RoPE)
+"""
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+IMAGE_TOKEN_INDEX = -200  # the placeholder id that marks where an image's features are spliced in
+IGNORE_INDEX = -100  # label value that cross-entropy ignores: the token is context, not a target
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+def quick_gelu(x):
+    # CLIP was trained with this sigmoid approximation of GELU; using exact GELU would change its features
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,  # CLIP
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # SigLIP
+    "gelu": F.gelu,  # LLaVA's projector
+    "silu": F.silu,  # Llama's SwiGLU
+}
+
+
+def get_activation(name):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    """Llama's norm: rescale by the root mean square (no mean subtraction, no bias), computed in fp32."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """Rotary embedding angles for integer positions (B, T) -> cos, sin of shape (B, T, head_dim)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # (B, T, hs/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (B, T, hs): HF layout pairs dim i with dim i + hs/2
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    # rotate each (x_i, x_{i+hs/2}) pair by its angle; q.k then depends only on the relative position
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]  # cos/sin broadcast over heads: (B, 1, T, hs)
+
+
+# -----------------------------------------------------------------------------
+# Vision tower: a ViT that covers CLIP and SigLIP
+
+
+@dataclass
+class VisionConfig:
+    model_type: str = "clip_vision_model"  # "clip_vision_model" (CLS + pre-LN) or "siglip_vision_model"
+    image_size: int = 224  # input side in pixels; learned positions exist for exactly this size
+    patch_size: int = 16  # side of one square patch: (image_size // patch_size) ** 2 patches
+    num_channels: int = 3  # RGB
+    hidden_size: int = 768  # width Dv of the ViT
+    intermediate_size: int = 3072  # hidden width of each MLP
+    num_hidden_layers: int = 12  # layers in the checkpoint; we build only those the feature needs
+    num_attention_heads: int = 12  # heads; head size is hidden_size // num_attention_heads
+    hidden_act: str = "quick_gelu"  # CLIP: quick_gelu; SigLIP: gelu_pytorch_tanh
+    layer_norm_eps: float = 1e-5  # CLIP: 1e-5; SigLIP: 1e-6
+    select_layer: int = -2  # LLaVA's feature: hidden state -2 (penultimate layer); -1 = last, 0 = embeddings
+    select_feature: str = "patch"  # "patch" drops the CLS token, "cls_patch" keeps it (SigLIP has none)
+
+    @property
+    def has_cls(self):  # CLIP prepends a learned class token and a LayerNorm before the encoder; SigLIP does not
+        return self.model_type == "clip_vision_model"
+
+    @property
+    def num_patches(self):
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_layers_run(self):
+        # hidden_states[0] is the embedding output and hidden_states[i] the output of layer i, so
+        # hidden state k (negative from the end, like Python) needs the first L + 1 + k layers only
+        L = self.num_hidden_layers
+        n = self.select_layer if self.select_layer >= 0 else L + 1 + self.select_layer
+        if not 0 <= n <= L:
+            raise ValueError(f"select_layer {self.select_layer} is outside a {L}-layer vision tower")
+        return n
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.has_cls = cfg.has_cls
+        if cfg.has_cls:
+            self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        # a conv with stride = kernel = patch size is "cut into patches + one shared linear layer"
+        self.patch_embedding = nn.Conv2d(
+            cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=not cfg.has_cls
+        )
+        self.position_embedding = nn.Embedding(cfg.num_patches + cfg.has_cls, cfg.hidden_size)
+
+    def forward(self, pixel_values):
+        x = self.patch_embedding(pixel_values)  # (B, Dv, H/p, W/p)
+        x = x.flatten(2).transpose(1, 2)  # (B, N, Dv), patches in row-major order
+        if self.has_cls:
+            cls = self.class_embedding.to(x.dtype).expand(x.size(0), 1, -1)
+            x = torch.cat([cls, x], dim=1)  # (B, 1 + N, Dv)
+        return x + self.position_embedding.weight.to(x.dtype)
+
+
+class VisionAttention(nn.Module):
+    """Bidirectional multi-head self-attention: every patch sees every patch."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.hidden_size
+        self.n_head = cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.out_proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = (proj(x).view(B, T, nh, hs).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs), no mask
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.act = get_activation(cfg.hidden_act)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionLayer(nn.Module):
+    """Pre-norm transformer block (LayerNorm with bias, as in CLIP and SigLIP)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = VisionAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg, n_layers):
+        super().__init__()
+        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(n_layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class VisionTower(nn.Module):
+    """CLIP / SigLIP ViT returning LLaVA's image feature: the hidden state of `select_layer`.
+
+    Layers after the selected one never influence the feature, so they are not even built
+    (for LLaVA-1.5's penultimate layer that is the last layer, and its weights are skipped on load).
+    The final `post_layernorm` and SigLIP's attention-pooling head are unused for the same reason.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.model_type not in ("clip_vision_model", "siglip_vision_model"):
+            raise ValueError(f"unsupported vision model_type {cfg.model_type!r}")
+        if cfg.select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {cfg.select_feature!r}")
+        self.config = cfg
+        self.embeddings = VisionEmbeddings(cfg)
+        if cfg.has_cls:
+            self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: CLIP's key name
+        self.encoder = VisionEncoder(cfg, cfg.num_layers_run)
+        self.apply(init_weights)
+
+    @property
+    def num_tokens(self):  # image tokens each image contributes to the language model's sequence
+        drop_cls = self.config.has_cls and self.config.select_feature == "patch"
+        return self.config.num_patches + self.config.has_cls - drop_cls
+
+    def forward(self, pixel_values):
+        """(B, 3, H, W) normalised pixels -> (B, N, Dv) features of the selected layer."""
+        x = self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype))
+        if self.config.has_cls:
+            x = self.pre_layrnorm(x)
+        x = self.encoder(x)
+        if self.config.has_cls and self.config.select_feature == "patch":
+            # LLaVA drops CLS: the LLM gets one token per image patch, each tied to a spatial location
+            x = x[:, 1:]
+        return x
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, select_layer=-2, select_feature="patch"):
+        """Load a CLIP/SigLIP checkpoint directory: full (text tower ignored) or vision-only."""
+        cfg = vision_config_from_hf(read_config(path), select_layer, select_feature)
+        model = build_on_meta(cls, cfg)
+        load_weights(model, read_safetensors(path, device), path, vision_key, dtype, device)
+        return model
+
+    def save_pretrained(self, path):
+        """Write a transformers CLIPVisionModel / SiglipVisionModel checkpoint of the layers built."""
+        os.makedirs(path, exist_ok=True)
+        write_json(os.path.join(path, "config.json"), vision_config_to_hf(self.config, len(self.encoder.layers)))
+        tensors = {"vision_model." + k: v for k, v in state_dict_for_save(self).items()}
+        # transformers' vision models end in a LayerNorm that LLaVA never uses: store an identity one
+        # so the checkpoint also loads there without "newly initialised weights" warnings
+        D = self.config.hidden_size
+        tensors["vision_model.post_layernorm.weight"] = torch.ones(D)
+        tensors["vision_model.post_layernorm.bias"] = torch.zeros(D)
+        save_safetensors(tensors, os.path.join(path, "model.safetensors"))
+
+
+# -----------------------------------------------------------------------------
+# Projector: maps vision features into the language model's embedding space
+
+
+class Projector(nn.Module):
+    """'linear' (LLaVA-1) or 'mlp2x_gelu' (LLaVA-1.5: Linear, GELU, Linear)."""
+
+    def __init__(self, kind, vision_dim, text_dim, bias=True):
+        super().__init__()
+        if kind not in ("linear", "mlp2x_gelu"):
+            raise ValueError(f"unsupported projector {kind!r}; supported: 'linear', 'mlp2x_gelu'")
+        self.kind = kind
+        self.linear_1 = nn.Linear(vision_dim, text_dim, bias=bias)
+        if kind == "mlp2x_gelu":
+            self.linear_2 = nn.Linear(text_dim, text_dim, bias=bias)
+
+    def forward(self, x):
+        x = self.linear_1(x)
+        if self.kind == "mlp2x_gelu":
+            x = self.linear_2(F.gelu(x))
+        return x
+
+
+# -----------------------------------------------------------------------------
+# Language model: a Llama-style decoder (Llama, TinyLlama, Vicuna, SmolLM2, Qwen2)
+
+
+@dataclass
+class LMConfig:
+    model_type: str = "llama"  # "llama" or "qwen2" (which adds a bias to q/k/v)
+    vocab_size: int = 32000  # rows of the embedding table
+    hidden_size: int = 4096  # model width D
+    intermediate_size: int = 11008  # SwiGLU hidden width
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32  # query heads
+    num_key_value_heads: int = 32  # fewer than query heads = grouped-query attention (GQA)
+    head_dim: int = 128  # usually hidden_size // num_attention_heads, but not always
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0  # base of the rotary frequencies
+    max_position_embeddings: int = 2048  # context length the model was trained for (informative)
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    o_proj_bias: bool = False  # bias on the attention output (Llama's attention_bias covers it too)
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (SmolLM2, small Qwen2.5)
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None  # generation stops at any of these
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated once for the whole generation: (L, B, n_kv, T_max, hs)."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens already cached
+
+    def update(self, layer, k, v):
+        """Store this step's (B, n_kv, T, hs) keys/values; return all of them so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv, self.hs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        D = cfg.hidden_size
+        self.q_proj = nn.Linear(D, self.n_head * self.hs, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(D, self.n_kv * self.hs, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(D, self.n_kv * self.hs, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_head * self.hs, D, bias=cfg.o_proj_bias)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hs), S = cached + T
+        # GQA: each group of nh / n_kv query heads shares one key/value head.
+        # `mask` is a tensor, or "causal", or None (a single new token may see everything cached);
+        # never both attn_mask and is_causal: SDPA rejects that combination on some backends.
+        if isinstance(mask, torch.Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal", enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hs))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, H = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(D, H, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(D, H, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(H, D, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder body; its keys are the checkpoint's `model.*`."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def attention_mask_4d(attention_mask, T, past):
+    """Boolean (B, 1, T, S) mask for T new queries at positions past..past+T-1 over S = past + T keys:
+    causal AND the key is not padding. Each query always sees itself, so a padding query's row is
+    never empty (an all-False row would make softmax return NaN); its output is ignored anyway."""
+    S = past + T
+    q_pos = torch.arange(past, S, device=attention_mask.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
+    mask = (k_pos <= q_pos)[None] & attention_mask[:, None, :].bool()  # (B, T, S)
+    return (mask | (k_pos == q_pos)[None])[:, None]  # (B, 1, T, S)
+
+
+class LanguageModel(nn.Module):
+    """Llama-family causal LM. Keys match LlamaForCausalLM / Qwen2ForCausalLM: `model.*`, `lm_head`."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.model_type not in ("llama", "qwen2"):
+            raise ValueError(f"unsupported language model_type {cfg.model_type!r}")
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False  # recompute layer activations in backward to save memory
+        self.apply(init_weights)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None):
+        """input_ids (B, T) or inputs_embeds (B, T, D) -> logits (B, T, V).
+
+        attention_mask (B, S) marks real tokens (1) and padding (0) over everything seen so far,
+        cached tokens included. Positions count real tokens only, so a left-padded prompt starts at 0."""
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        past = 0 if cache is None else cache.pos
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: take the fast causal path
+        if attention_mask is None:
+            positions = torch.arange(past, past + T, device=x.device).expand(B, T)
+            mask = "causal" if T > 1 else None  # a single new token may attend to everything before it
+        else:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
+            mask = attention_mask_4d(attention_mask, T, past)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.model.norm(x))
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        """Load a LlamaForCausalLM / Qwen2ForCausalLM directory (single-file or sharded safetensors)."""
+        cfg = lm_config_from_hf(read_config(path))
+        model = build_on_meta(cls, cfg)
+        load_weights(model, read_safetensors(path, device), path, lm_key, dtype, device)
+        return model
+
+    def save_pretrained(self, path):
+        """Write a transformers LlamaForCausalLM / Qwen2ForCausalLM checkpoint."""
+        os.makedirs(path, exist_ok=True)
+        write_json(os.path.join(path, "config.json"), lm_config_to_hf(self.config))
+        save_safetensors(state_dict_for_save(self), os.path.join(path, "model.safetensors"))
+
+
+def init_weights(module):
+    # for models trained from scratch (the offline stand-ins): small normal weights as in GPT-2 / Llama;
+    # pretrained checkpoints overwrite all of this
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+# -----------------------------------------------------------------------------
+# LLaVA: vision tower + projector + language model
+
+
+def shifted_cross_entropy(logits, labels):
+    """Mean next-token loss over the trained (label != -100) positions.
+
+    Labels are aligned with the inputs (labels[t] is the token at position t), so the logits at t are
+    scored against labels[t + 1]: the model predicts the *next* token. Doing the shift here, once, keeps
+    every data path free of off-by-one mistakes. A batch without a trained token gives 0, not NaN."""
+    logits = logits[:, :-1].float()  # (B, T-1, V): predictions for positions 1..T-1
+    targets = labels[:, 1:]  # (B, T-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class TinyLlava(nn.Module):
+    def __init__(self, vision_tower, language_model, projector="mlp2x_gelu", projector_bias=True):
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.language_model = language_model
+        w = language_model.model.embed_tokens.weight
+        with torch.device(w.device):  # a fresh projector keeps PyTorch's default Linear init, as in LLaVA
+            self.multi_modal_projector = Projector(
+                projector, vision_tower.config.hidden_size, language_model.config.hidden_size, projector_bias
+            ).to(w.dtype)
+        self.source_dir = None  # where tokenizer files come from (copied by save_pretrained)
+        self.sources = {}  # the vision / LLM checkpoints this model was built from (written to config.json)
+        print(parameter_table(self))
+
+    @property
+    def config(self):
+        return llava_config_to_hf(self)
+
+    def encode_images(self, pixel_values):
+        """(n_img, 3, H, W) -> (n_img, N, D) image tokens in the language model's embedding space."""
+        # No graph through a frozen tower: saves the activations' memory and a useless backward pass
+        train_vision = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(train_vision):
+            features = self.vision_tower(pixel_values)
+        return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
+
+    def merge_inputs(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
+        """Replace each -200 placeholder by its image's N feature vectors.
+
+        input_ids (B, T) with one -200 per image; pixel_values (n_img, 3, H, W) in placeholder order
+        (row by row). Returns embeddings (B, T', D), attention mask (B, T') and labels (B, T') or None;
+        image positions get label -100 (nothing to predict there). Padding keeps the input's side:
+        right for training, left for generation."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        is_image = input_ids == IMAGE_TOKEN_INDEX
+        n_img = int(is_image.sum())
+        n_pix = 0 if pixel_values is None else pixel_values.size(0)
+        if n_img != n_pix:
+            raise ValueError(f"{n_img} image placeholders ({IMAGE_TOKEN_INDEX}) in input_ids but {n_pix} images")
+        embeds = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, D)
+        if n_img == 0:
+            return embeds, attention_mask, labels
+        images = self.encode_images(pixel_values).to(embeds.dtype)  # (n_img, N, D)
+        N = images.size(1)
+        left_padded = bool((attention_mask[:, 0] == 0).any())
+        seqs, masks, labs, k = [], [], [], 0
+        for b in range(B):
+            keep = attention_mask[b].bool()  # drop the padding, splice, pad again below
+            ids, e = input_ids[b][keep], embeds[b][keep]
+            lab = labels[b][keep] if labels is not None else None
+            cuts = torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist()
+            parts_e, parts_l, start = [], [], 0
+            for c in cuts + [len(ids)]:
+                parts_e.append(e[start:c])
+                if lab is not None:
+                    parts_l.append(lab[start:c])
+                if c < len(ids):  # a placeholder: insert the next image
+                    parts_e.append(images[k])
+                    parts_l.append(torch.full((N,), IGNORE_INDEX, dtype=torch.long, device=ids.device))
+                    k += 1
+                start = c + 1
+            seqs.append(torch.cat(parts_e))
+            labs.append(torch.cat(parts_l) if lab is not None else None)
+        T2 = max(len(s) for s in seqs)
+        out = embeds.new_zeros(B, T2, embeds.size(-1))
+        out_mask = attention_mask.new_zeros(B, T2)
+        out_labels = torch.full((B, T2), IGNORE_INDEX, dtype=torch.long, device=input_ids.device) if labels is not None else None
+        for b, s in enumerate(seqs):
+            sl = slice(T2 - len(s), T2) if left_padded else slice(0, len(s))
+            out[b, sl], out_mask[b, sl] = s, 1
+            if labels is not None:
+                out_labels[b, sl] = labs[b]
+        return out, out_mask, out_labels
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
+        """-> (logits (B, T', V), loss or None). T' counts the spliced image tokens."""
+        embeds, mask, labels = self.merge_inputs(input_ids, pixel_values, attention_mask, labels)
+        logits = self.language_model(inputs_embeds=embeds, attention_mask=mask)
+        loss = shifted_cross_entropy(logits, labels) if labels is not None else None
+        return logits, loss
+
+    # --- generation ----------------------------------------------------------
+
+    @torch.no_grad()
+    def stream(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, temperature=0.0, top_p=1.0, eos_token_id=None, generator=None):
+        """Yield the next token of every row, (B,) at a time, using a KV cache.
+
+        Prompts in a batch must be left-padded so that every row's next token goes in the same column.
+        Rows that produced an end token keep yielding it (callers cut at the first one)."""
+        lm = self.language_model
+        embeds, mask, _ = self.merge_inputs(input_ids, pixel_values, attention_mask)
+        B, T, _ = embeds.shape
+        eos = eos_token_id if eos_token_id is not None else lm.config.eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=embeds.device)
+        cache = KVCache(lm.config, B, T + max_new_tokens, embeds.device, embeds.dtype)
+        logits = lm(inputs_embeds=embeds, attention_mask=mask, cache=cache)[:, -1]  # prefill: (B, V)
+        done = torch.zeros(B, dtype=torch.bool, device=embeds.device)
+        for i in range(max_new_tokens):
+            token = sample(logits, temperature, top_p, generator)  # (B,)
+            token = torch.where(done, eos[0] if len(eos) else token, token)
+            yield token
+            done |= torch.isin(token, eos)
+            if i == max_new_tokens - 1 or bool(done.all()):
+                return
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            logits = lm(token[:, None], attention_mask=mask, cache=cache)[:, -1]
+
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, temperature=0.0, top_p=1.0, eos_token_id=None, generator=None):
+        """-> new token ids (B, n_new); a finished row is filled with the end token after it."""
+        tokens = list(self.stream(input_ids, pixel_values, attention_mask, max_new_tokens, temperature, top_p, eos_token_id, generator))
+        return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(input_ids.size(0), 0)
+
+    # --- loading and saving --------------------------------------------------
+
+    @classmethod
+    def from_parts(cls, vision_dir, llm_dir, projector="mlp2x_gelu", select_layer=-2, select_feature="patch", dtype=None, device=None):
+        """A new LLaVA from a pretrained vision tower and LLM; the projector starts random (stage 1 trains it)."""
+        vision = VisionTower.from_pretrained(vision_dir, dtype, device, select_layer, select_feature)
+        lm = LanguageModel.from_pretrained(llm_dir, dtype, device)
+        model = cls(vision, lm, projector)
+        model.source_dir = llm_dir
+        model.sources = {"vision": os.path.abspath(vision_dir), "llm": os.path.abspath(llm_dir)}
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        """Load our own checkpoint, or a transformers LlavaForConditionalGeneration one (either key layout)."""
+        d = read_config(path)
+        if d.get("model_type") != "llava":
+            raise ValueError(f"{path}/config.json: model_type {d.get('model_type')!r} is not 'llava'")
+        layer, strategy = d.get("vision_feature_layer", -2), d.get("vision_feature_select_strategy", "default")
+        if not isinstance(layer, int):
+            raise ValueError(f"{path}/config.json: vision_feature_layer {layer!r}: only a single layer is supported")
+        if strategy not in ("default", "full"):
+            raise ValueError(f"{path}/config.json: unsupported vision_feature_select_strategy {strategy!r}")
+        if d.get("projector_hidden_act", "gelu") != "gelu":
+            raise ValueError(f"{path}/config.json: unsupported projector_hidden_act {d['projector_hidden_act']!r}")
+        vcfg = vision_config_from_hf(d["vision_config"], layer, "patch" if strategy == "default" else "cls_patch")
+        tcfg = lm_config_from_hf(d["text_config"])
+        with torch.device("meta"):
+            model = cls(VisionTower(vcfg), LanguageModel(tcfg), d.get("projector_type", "mlp2x_gelu"), d.get("multimodal_projector_bias", True))
+        load_weights(model, read_safetensors(path, device), path, llava_key, dtype, device)
+        model.source_dir = path
+        model.sources = d.get("tinyllava_sources", {})
+        return model
+
+    def save_pretrained(self, path):
+        """config.json + model.safetensors (+ tokenizer files), in the key layout transformers writes for LLaVA."""
+        os.makedirs(path, exist_ok=True)
+        write_json(os.path.join(path, "config.json"), self.config)
+        save_safetensors(state_dict_for_save(self), os.path.join(path, "model.safetensors"))
+        if self.source_dir and os.path.abspath(self.source_dir) != os.path.abspath(path):
+            for name in TOKENIZER_FILES:
+                if os.path.exists(os.path.join(self.source_dir, name)):
+                    shutil.copy(os.path.join(self.source_dir, name), os.path.join(path, name))
+
+
+def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+    """(B, V) logits -> (B,) tokens: greedy at temperature 0, else nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        p, idx = probs.sort(dim=-1, descending=True)
+        # keep the smallest set of top tokens whose mass reaches top_p (the first token is always kept)
+        p[(p.cumsum(-1) - p) >= top_p] = 0
+        probs = torch.zeros_like(probs).scatter(-1, idx, p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def parameter_table(model):
+    rows = [("part", "parameters", "trainable")]
+    for name, part in (("vision", model.vision_tower), ("projector", model.multi_modal_projector), ("llm", model.language_model)):
+        params = list(part.parameters())
+        rows.append((name, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)))
+    rows.append(("total", sum(r[1] for r in rows[1:]), sum(r[2] for r in rows[1:])))
+    return "\n".join(f"{a:<10} {b:>14,} {c:>14,}" if i else f"{a:<10} {b:>14} {c:>14}" for i, (a, b, c) in enumerate(rows))
+
+
+# -----------------------------------------------------------------------------
+# Configs: from and to the checkpoints' own config.json
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "preprocessor_config.json", "chat_template.jinja")
+
+# transformers' defaults for fields that a config.json may leave out
+VISION_DEFAULTS = {
+    "clip_vision_model": dict(patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    "siglip_vision_model": dict(patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+}
+LM_DEFAULTS = {
+    "llama": dict(vocab_size=32000, intermediate_size=11008, max_position_embeddings=2048),
+    "qwen2": dict(vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768),
+}
+
+
+def read_config(path):
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no config.json in {path!r}")
+    with open(file) as f:
+        return json.load(f)
+
+
+def write_json(file, obj):
+    tmp = file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, file)  # atomic: a reader never sees half a file
+
+
+def vision_config_from_hf(d, select_layer=-2, select_feature="patch"):
+    if d.get("model_type") in ("clip", "siglip"):  # a full CLIP / SigLIP: take its vision half
+        d = {**d.get("vision_config", {}), "model_type": d["model_type"] + "_vision_model"}
+    mt = d.get("model_type")
+    if mt not in VISION_DEFAULTS:
+        raise ValueError(f"unsupported vision model_type {mt!r}; supported: clip, siglip and their vision models")
+    fields = {**asdict(VisionConfig()), **VISION_DEFAULTS[mt]}
+    cfg = VisionConfig(**{k: d.get(k, v) for k, v in fields.items() if k not in ("select_layer", "select_feature")},
+                       select_layer=select_layer, select_feature=select_feature)
+    get_activation(cfg.hidden_act)  # fail now, naming it, rather than at the first forward
+    return cfg
+
+
+def vision_config_to_hf(cfg, num_layers):
+    d = {k: v for k, v in asdict(cfg).items() if k not in ("select_layer", "select_feature")}
+    arch = {"clip_vision_model": "CLIPVisionModel", "siglip_vision_model": "SiglipVisionModel"}[cfg.model_type]
+    return {**d, "num_hidden_layers": num_layers, "architectures": [arch]}
+
+
+def lm_config_from_hf(d):
+    mt = d.get("model_type")
+    if mt not in LM_DEFAULTS:
+        raise ValueError(f"unsupported language model_type {mt!r}; supported: {sorted(LM_DEFAULTS)}")
+    get_activation(d.get("hidden_act", "silu"))
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} for a Llama-style MLP (expected 'silu')")
+    # newer transformers write rope settings as a `rope_parameters` dict, older ones as top-level keys
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"unsupported rope scaling {rope_type!r} (only plain RoPE is implemented)")
+    if d.get("use_sliding_window") or any(t != "full_attention" for t in d.get("layer_types") or []):
+        raise ValueError("unsupported sliding-window attention (use_sliding_window / layer_types)")
+    f = {**asdict(LMConfig()), **LM_DEFAULTS[mt], **{k: v for k, v in d.items() if k in asdict(LMConfig())}}
+    f["num_key_value_heads"] = d.get("num_key_value_heads") or f["num_attention_heads"]
+    f["head_dim"] = d.get("head_dim") or f["hidden_size"] // f["num_attention_heads"]
+    f["rope_theta"] = float(d.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    # Llama's attention_bias covers q, k, v and o; Qwen2 always has q/k/v biases and never an o bias
+    f["attention_bias"] = mt == "qwen2" or bool(d.get("attention_bias", False))
+    f["o_proj_bias"] = mt == "llama" and bool(d.get("attention_bias", False))
+    return LMConfig(**f)
+
+
+def lm_config_to_hf(cfg):
+    d = asdict(cfg)
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
+    if cfg.model_type == "qwen2":
+        del d["attention_bias"]
+    del d["o_proj_bias"]
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg.model_type]
+    return {**d, "hidden_act": "silu", "architectures": [arch]}
+
+
+def llava_config_to_hf(model):
+    v = model.vision_tower.config
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "vision_config": vision_config_to_hf(v, len(model.vision_tower.encoder.layers)),
+        "text_config": lm_config_to_hf(model.language_model.config),
+        # the built tower has exactly the layers the feature needs, so the feature is its last hidden state
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default" if v.select_feature == "patch" else "full",
+        "projector_hidden_act": "gelu",
+        "projector_type": model.multi_modal_projector.kind,  # tinyllava's: 'linear' or 'mlp2x_gelu'
+        "multimodal_projector_bias": model.multi_modal_projector.linear_1.bias is not None,
+        "image_token_index": IMAGE_TOKEN_INDEX,
+        "tie_word_embeddings": model.language_model.config.tie_word_embeddings,
+        "tinyllava_sources": model.sources,
+    }
+
+
+# -----------------------------------------------------------------------------
+# Weights: strict loading, near-identity key maps
+
+
+def read_safetensors(path, device=None):
+    """All tensors of a checkpoint directory (single file or sharded), read straight onto `device`."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r} (only safetensors is supported)")
+    tensors = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt", device=str(device or "cpu")) as f:
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    return tensors
+
+
+def vision_key(k):
+    """CLIP/SigLIP checkpoint key -> VisionTower key, or None to ignore it deliberately."""
+    k = k.removeprefix("vision_model.")
+    if k.startswith(("text_model.", "text_projection", "visual_projection", "logit_", "post_layernorm", "head.")):
+        return None  # the text tower, the contrastive heads, and parts LLaVA's feature never uses
+    return k
+
+
+def lm_key(k):
+    return k  # LanguageModel copies LlamaForCausalLM's names exactly
+
+
+def llava_key(k):
+    """LLaVA checkpoint key -> TinyLlava key. Handles the hub layout (`language_model.model.*`,
+    `vision_tower.vision_model.*`) and the newer one (`model.language_model.*`, `model.vision_tower.*`)."""
+    if k.startswith("model.language_model."):
+        return "language_model.model." + k.removeprefix("model.language_model.")
+    if k == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    k = k.removeprefix("model.")
+    if k.startswith("vision_tower."):
+        inner = vision_key(k.removeprefix("vision_tower."))
+        return None if inner is None else "vision_tower." + inner
+    return k
+
+
+def load_weights(model, tensors, path, key_map, dtype=None, device=None):
+    """Fill every parameter of `model` (possibly on the meta device) from `tensors`, strictly.
+
+    Each checkpoint key maps to a parameter or is deliberately ignored (key_map returns None); vision
+    layers past the selected feature are ignored too. Anything else is an error naming the keys."""
+    params = dict(model.named_parameters())  # tied weights appear once
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - params.keys()
+    mapped, unexpected = {}, []
+    for k, t in tensors.items():
+        name = key_map(k)
+        if name is None or name in tied or skipped_vision_layer(model, name):
+            continue
+        if name in params:
+            mapped[name] = t
+        else:
+            unexpected.append(k)
+    missing = sorted(params.keys() - mapped.keys())
+    wrong = [f"{n}: checkpoint {tuple(mapped[n].shape)} vs model {tuple(params[n].shape)}" for n in params if n in mapped and mapped[n].shape != params[n].shape]
+    if missing or unexpected or wrong:
+        msg = [f"cannot load {path!r}:"]
+        msg += [f"  missing key: {k}" for k in missing] + [f"  unexpected key: {k}" for k in sorted(unexpected)]
+        msg += [f"  wrong shape: {w}" for w in wrong]
+        raise KeyError("\n".join(msg))
+    for name, p in params.items():
+        module_name, _, attr = name.rpartition(".")
+        t = mapped[name].to(device=device or mapped[name].device, dtype=dtype or torch.float32)
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(t, requires_grad=p.requires_grad))
+    for lm in (m for m in model.modules() if isinstance(m, LanguageModel) and m.config.tie_word_embeddings):
+        lm.lm_head.weight = lm.model.embed_tokens.weight  # re-tie: assignment above replaced the shared Parameter
+
+
+def skipped_vision_layer(model, name):
+    """True for weights of vision layers past the selected feature (never run, so never built)."""
+    tower = model if isinstance(model, VisionTower) else getattr(model, "vision_tower", None)
+    prefix = "" if isinstance(model, VisionTower) else "vision_tower."
+    if tower is None or not name.startswith(prefix + "encoder.layers."):
+        return False
+    return int(name.removeprefix(prefix + "encoder.layers.").split(".")[0]) >= len(tower.encoder.layers)
+
+
+def build_on_meta(cls, cfg):
+    # build without allocating or initialising weights: the checkpoint supplies every one of them,
+    # so a 7B model never exists as a CPU fp32 copy on its way to the GPU
+    with torch.device("meta"):
+        return cls(cfg)
+
+
+def state_dict_for_save(model):
+    """The model's tensors without duplicates (a tied lm_head is stored once, as transformers does)."""
+    return {k: p.detach().contiguous() for k, p in model.named_parameters()}
+
+
+def save_safetensors(tensors, file):
+    tmp = file + ".tmp"
+    save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, file)
