@@ -425,7 +425,14 @@ class LanguageModel(nn.Module):
             attention_mask = None  # no padding: take the fast causal path
         if attention_mask is None:
             positions = torch.arange(past, past + T, device=x.device).expand(B, T)
-            mask = "causal" if T > 1 else None  # a single new token may attend to everything before it
+            # a single new token may attend to everything before it; SDPA's is_causal aligns the mask
+            # top-left, which is right only when nothing is cached yet
+            if T == 1:
+                mask = None
+            elif past == 0:
+                mask = "causal"
+            else:
+                mask = attention_mask_4d(torch.ones(B, past + T, device=x.device), T, past)
         else:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
             mask = attention_mask_4d(attention_mask, T, past)

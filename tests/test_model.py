@@ -316,3 +316,14 @@ def test_unsupported_vision_activation_raises(tmp_path):
     json.dump(cfg, open(f"{path}/config.json", "w"))
     with pytest.raises(ValueError, match="unsupported activation 'relu6'"):
         tl.VisionTower.from_pretrained(path)
+
+
+def test_chunked_prefill_without_padding(tmp_path):
+    """Several tokens at once on top of a cache (no padding): the causal mask must be aligned bottom-right."""
+    lm = tl.LanguageModel.from_pretrained(save(randomize(LlamaForCausalLM(llama_config())), tmp_path / "lm")).eval()
+    ids = torch.randint(0, TEXT["vocab_size"], (2, 10))
+    with torch.no_grad():
+        full = lm(ids)
+        cache = tl.KVCache(lm.config, 2, 10, "cpu", torch.float32)
+        chunks = [lm(ids[:, a:b], cache=cache) for a, b in ((0, 4), (4, 7), (7, 10))]
+    assert (torch.cat(chunks, dim=1) - full).abs().max() <= TOL
