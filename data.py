@@ -1,0 +1,691 @@
+"""
+The data path of tinyllava: from a LLaVA-format JSON file to the tensors a training step eats.
+
+A sample is a conversation, optionally about one image:
+
+    {"id": "0001", "image": "coco/0001.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is the cat doing?"},
+                       {"from": "gpt",   "value": "Sleeping on a sofa."}]}
+
+1. A conversation template (plain, vicuna_v1, chatml) writes the turns out as text with role markers.
+2. The text is tokenized segment by segment, so every token is born knowing whether it is trained.
+   Two conventions, shared with tinyllava.py and with the original LLaVA:
+   - `<image>` becomes ONE id, IMAGE_TOKEN_INDEX = -200. No real token has a negative id, so it cannot
+     collide with text; the model later replaces it by the image's N patch embeddings.
+   - labels are the input ids where the model should learn to predict the token, and IGNORE_INDEX = -100
+     everywhere else (system prompt, user turns, role markers, image, padding). -100 is the value
+     PyTorch's cross-entropy skips by default. Labels are aligned with the ids; the model shifts them.
+3. The image is converted to RGB, padded to a square (or cropped), resized and normalised by hand,
+   exactly as the encoder's own HF image processor would (tests check this against transformers).
+4. A dataset reads the JSON lazily (images are opened in __getitem__), and `collate` pads a batch.
+
+Also here: a mask viewer (`python data.py show ...`) to *see* which tokens are trained, and a synthetic
+shapes data set (`python data.py make-shapes OUT_DIR`) that the offline pipeline trains on.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import tokenizers
+import torch
+from PIL import Image, ImageDraw
+
+from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+IMAGE_TAG = "<image>"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the sample."""
+
+
+class TooLong(ValueError):
+    """A conversation that cannot be truncated to max_len and still be worth training on."""
+
+
+def _read_json(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+# -----------------------------------------------------------------------------
+# Tokenizer: a checkpoint's tokenizer.json, read with the `tokenizers` library
+
+
+class Tokenizer:
+    """Thin wrapper around tokenizers.Tokenizer that knows its special ids.
+
+    `encode` never adds special tokens: conversations are tokenized piece by piece and the BOS must
+    appear once at the start of the sequence, not before every piece; tokenize_conversation adds it
+    when `add_bos` says this tokenizer's model expects one (Llama does, SmolLM2 and Qwen2 do not).
+    """
+
+    def __init__(self, tok, bos_id, eos_id, pad_id, add_bos):
+        self.tok, self.bos_id, self.eos_id, self.pad_id, self.add_bos = tok, bos_id, eos_id, pad_id, add_bos
+        # SentencePiece-style tokenizers (Llama 2) put a space marker in front of every text they
+        # encode; for them a segment " answer" must be encoded as "answer" or it gets two spaces.
+        self.prefix_space = tok.encode("a", add_special_tokens=False).tokens[0].startswith("\u2581")
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        """Text of the ids, special tokens included; the image placeholder reads as <image>."""
+        pieces = [[]]
+        for i in ids:
+            if i == IMAGE_TOKEN_INDEX:
+                pieces.append([])
+            else:
+                pieces[-1].append(i)
+        return IMAGE_TAG.join(self.tok.decode(p, skip_special_tokens=False) for p in pieces)
+
+    def token_to_id(self, token):
+        return self.tok.token_to_id(token)
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size()
+
+
+def load_tokenizer(path):
+    """Load tokenizer.json from a checkpoint folder and find BOS/EOS/PAD.
+
+    Token strings come from tokenizer_config.json / special_tokens_map.json (plain strings or
+    {"content": ...} dicts); ids from config.json (or its text_config) / generation_config.json fill gaps.
+    Without a pad token we pad with EOS (else UNK, else 0): padding is masked everywhere, any id works.
+    """
+    tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    cfg = {**_read_json(os.path.join(path, "special_tokens_map.json")),
+           **_read_json(os.path.join(path, "tokenizer_config.json"))}
+    model_cfg = _read_json(os.path.join(path, "config.json"))
+    model_cfg = {**model_cfg.get("text_config", model_cfg), **_read_json(os.path.join(path, "generation_config.json"))}
+
+    def special(name):
+        token = cfg.get(f"{name}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        tid = tok.token_to_id(token) if token else None
+        if tid is None:
+            tid = model_cfg.get(f"{name}_token_id")
+            tid = tid[0] if isinstance(tid, list) else tid  # eos can be a list; the first is the canonical one
+        return tid
+
+    bos, eos, pad, unk = special("bos"), special("eos"), special("pad"), special("unk")
+    pad = next((i for i in (pad, eos, unk) if i is not None), 0)
+    # Trust the config's add_bos_token; without it, ask the post-processor whether it prepends BOS.
+    add_bos = cfg.get("add_bos_token")
+    if add_bos is None:
+        add_bos = bos is not None and tok.encode("a").ids[:1] == [bos]
+    return Tokenizer(tok, bos, eos, pad, bool(add_bos and bos is not None))
+
+# -----------------------------------------------------------------------------
+# Conversation templates: how turns are written out as text
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    system: str              # default system prompt, used when the conversation brings none ("" = none)
+    system_fmt: str          # how a system prompt is written
+    user_fmt: str            # a user turn, ending with the cue that hands over to the assistant
+    answer_fmt: str          # an assistant answer: these tokens are trained
+    end: str | None          # token closing every answer, also trained so the model learns to stop; None = EOS
+    after_end: str = ""      # text after the end token (not trained), e.g. chatml's newline
+    keep_user_text: bool = True  # plain drops the user's words: stage 1 learns image -> caption, nothing else
+
+
+VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+TEMPLATES = {
+    # LLaVA's stage 1 (preprocess_plain): "<image>caption<end>". LLaVA ends with "\n"; we use EOS so a
+    # stage-1 model also knows when to stop.
+    "plain": Template("plain", system="", system_fmt="", user_fmt="{}", answer_fmt="{}", end=None,
+                      keep_user_text=False),
+    # LLaVA-1.5: "SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>"
+    "vicuna_v1": Template("vicuna_v1", system=VICUNA_SYSTEM, system_fmt="{} ", user_fmt="USER: {} ASSISTANT:",
+                          answer_fmt=" {}", end=None),
+    # Qwen2 / SmolLM2-Instruct: "<|im_start|>role\n...<|im_end|>\n"
+    "chatml": Template("chatml", system="You are a helpful assistant.",
+                       system_fmt="<|im_start|>system\n{}<|im_end|>\n",
+                       user_fmt="<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+                       answer_fmt="{}", end="<|im_end|>", after_end="\n"),
+}
+
+
+def get_template(template):
+    """A Template from its name (or the Template itself)."""
+    if isinstance(template, Template):
+        return template
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; known templates: {', '.join(TEMPLATES)}")
+    return TEMPLATES[template]
+
+# -----------------------------------------------------------------------------
+# Tokenization with masks, and truncation
+
+
+def tokenize_conversation(conversations, tokenizer, template, max_len=None, add_generation_prompt=False):
+    """Turn [{"from": "system"|"human"|"gpt", "value": ...}, ...] into (input_ids, labels).
+
+    Each piece of the template is tokenized on its own and its labels are decided right there:
+    the answers and their end tokens keep their ids, everything else gets IGNORE_INDEX. LLaVA instead
+    tokenizes the whole text and then masks by *counting* the tokens of each part; when a tokenizer
+    merges tokens across a part boundary the counts drift ("tokenization mismatch") and the mask is
+    silently wrong. Here the ids and the mask come from the same tokens, so they cannot disagree.
+
+    With add_generation_prompt=True the conversation must end with a human turn, and the ids stop at
+    the assistant's cue: the inference prompt is built by the very code that built the training data.
+    """
+    tpl = get_template(template)
+    turns = list(conversations)
+    system = turns.pop(0)["value"] if turns and turns[0]["from"] == "system" else tpl.system
+    roles = [t["from"] for t in turns]
+    expected = ["human", "gpt"] * (len(turns) // 2 + 1)
+    if not turns or roles != expected[:len(turns)]:
+        raise ValueError(f"roles must alternate human, gpt, human, ... (after an optional system turn); got {roles}")
+    if roles[-1] != ("human" if add_generation_prompt else "gpt"):
+        raise ValueError("a training conversation must end with a gpt answer, a generation prompt with a human turn")
+    tags = [t["value"].count(IMAGE_TAG) for t in turns]
+    if sum(tags) > 1 or sum(tags[1:]):
+        raise ValueError(f"at most one {IMAGE_TAG} tag, in the first human turn (one image per sample)")
+    if tokenizer.eos_id is None and tpl.end is None:
+        raise ValueError(f"template {tpl.name} ends answers with EOS, but the tokenizer has no EOS token")
+    end_id = tokenizer.eos_id if tpl.end is None else tokenizer.token_to_id(tpl.end)
+    if end_id is None:
+        raise ValueError(f"template {tpl.name} needs {tpl.end!r} to be a single token of the tokenizer")
+
+    ids, labels = [], []
+
+    def add(piece, trained):
+        if isinstance(piece, int):
+            chunk = [piece]
+        else:  # split on the tag, as LLaVA's tokenizer_image_token: text, -200, text
+            chunk = []
+            for k, text in enumerate(piece.split(IMAGE_TAG)):
+                if k:
+                    chunk.append(IMAGE_TOKEN_INDEX)
+                if tokenizer.prefix_space and text.startswith(" "):
+                    text = text[1:]
+                if text:
+                    chunk += tokenizer.encode(text)
+        ids.extend(chunk)
+        labels.extend(chunk if trained else [IGNORE_INDEX] * len(chunk))
+
+    if tokenizer.add_bos:
+        add(tokenizer.bos_id, False)
+    # Masked text piles up in `prompt` until an answer comes, then is tokenized in one go: the only
+    # forced token boundaries are where an answer starts and ends (and around the image).
+    prompt = tpl.system_fmt.format(system) if system else ""
+    for turn in turns:
+        text = turn["value"]
+        if turn["from"] == "human":
+            if IMAGE_TAG in text:  # wherever the tag was, the image goes first, as in LLaVA
+                text = IMAGE_TAG + "\n" + text.replace(IMAGE_TAG, "").strip()
+            if not tpl.keep_user_text:
+                text = IMAGE_TAG if IMAGE_TAG in text else ""
+            prompt += tpl.user_fmt.format(text)
+        else:
+            add(prompt, False)
+            add(tpl.answer_fmt.format(text), True)
+            add(end_id, True)
+            prompt = tpl.after_end
+    add(prompt, False)
+    if max_len is not None:
+        ids, labels = truncate(ids, labels, max_len)
+    return ids, labels
+
+
+def build_prompt(conversations, tokenizer, template):
+    """Ids of the inference prompt for a conversation ending with a human turn: ready to generate."""
+    return tokenize_conversation(conversations, tokenizer, template, add_generation_prompt=True)[0]
+
+
+def truncate(ids, labels, max_len):
+    """Keep the first max_len tokens. The image placeholder counts as one id here; the model turns it
+    into N patch embeddings, so a trainer with context C should pass max_len = C - N + 1.
+
+    Raises TooLong if the cut would drop the image placeholder (the image would be loaded but never
+    seen) or leave no trained token (a loss of 0/0 = NaN). Callers skip such samples and count them."""
+    if len(ids) <= max_len:
+        return ids, labels
+    if IMAGE_TOKEN_INDEX in ids[max_len:]:
+        raise TooLong(f"max_len={max_len} would cut the image placeholder")
+    if all(label == IGNORE_INDEX for label in labels[:max_len]):
+        raise TooLong(f"max_len={max_len} leaves no trained token")
+    return ids[:max_len], labels[:max_len]
+
+# -----------------------------------------------------------------------------
+# Images: any PIL image -> normalised (3, size, size) tensor, by hand
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+@dataclass
+class ImageConfig:
+    size: int        # side of the square the encoder sees
+    mean: tuple      # per-channel mean and std of the encoder's training pixels, in [0, 1]
+    std: tuple
+    native_mode: str  # what the encoder's own HF processor does: "crop" (CLIP) or "squash" (SigLIP)
+
+
+def load_image_processor_config(path):
+    """Read preprocessor_config.json of a checkpoint; fall back to the CLIP or SigLIP defaults
+    (chosen from config.json's model_type) and to config.json's image_size."""
+    p = _read_json(os.path.join(path, "preprocessor_config.json"))
+    cfg = _read_json(os.path.join(path, "config.json"))
+    vision = cfg.get("vision_config", cfg)
+    siglip = "siglip" in (p.get("image_processor_type", "") + vision.get("model_type", "")).lower()
+    mean = tuple(p.get("image_mean", SIGLIP_MEAN if siglip else CLIP_MEAN))
+    std = tuple(p.get("image_std", SIGLIP_STD if siglip else CLIP_STD))
+    size = p.get("size", vision.get("image_size", 224))
+    side = lambda s: s if isinstance(s, int) else s.get("shortest_edge", s.get("height"))  # noqa: E731
+    if p.get("do_center_crop", not siglip):  # CLIP: resize the shortest edge, then centre-crop
+        return ImageConfig(side(p.get("crop_size", size)), mean, std, "crop")
+    return ImageConfig(side(size), mean, std, "squash")  # SigLIP: straight to size x size
+
+
+def to_rgb(image):
+    """Any PIL mode -> RGB. Transparency is composited on white (as transformers does, not black)."""
+    if image.mode.startswith("I"):  # 16/32-bit greyscale: scale to 8 bits; PIL's convert would clip at 255
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+    if "A" in image.getbands() or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def preprocess_image(image, size, mean, std, mode="pad"):
+    """PIL image -> float tensor (3, size, size), normalised for the vision encoder.
+
+    mode "pad":    LLaVA-1.5's expand2square: pad to a square with the mean colour (normalised to ~0,
+                   so the padding looks like "nothing"), then resize: the whole image is kept.
+    mode "crop":   CLIP's processor: resize the shortest side to `size`, centre-crop: the edges are lost.
+    mode "squash": SigLIP's processor: resize straight to size x size: the aspect ratio is lost.
+    """
+    image = to_rgb(image)
+    w, h = image.size
+    if mode == "pad" and w != h:
+        square = Image.new("RGB", (max(w, h),) * 2, tuple(int(x * 255) for x in mean))
+        square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+        image = square
+    if mode == "crop":
+        scale = size / min(w, h)  # the long side is truncated to an int, as transformers does
+        nw, nh = (size, int(h * scale)) if w <= h else (int(w * scale), size)
+        image = image.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    elif mode in ("pad", "squash"):
+        image = image.resize((size, size), Image.BICUBIC)
+    else:
+        raise ValueError(f"unknown image mode {mode!r}; use 'pad', 'crop' or 'squash'")
+    x = np.asarray(image, dtype=np.float32) / 255.0  # (size, size, 3) in [0, 1]
+    x = (x - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
+    return torch.from_numpy(x).permute(2, 0, 1).contiguous()  # (3, size, size)
+
+# -----------------------------------------------------------------------------
+# Datasets and batching
+
+
+def load_samples(path):
+    """Read a LLaVA JSON list or a JSONL file and check each sample's schema. Every sample gets an id."""
+    with open(path) as f:
+        text = f.read()
+    name = os.path.basename(path)
+    if path.endswith(".jsonl"):
+        samples = []
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                if line.strip():
+                    samples.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{name}: line {n}: malformed JSON: {e.msg}") from None
+    else:
+        try:
+            samples = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        if not isinstance(samples, list):
+            raise DataError(f"{name}: expected a JSON list of samples")
+    for i, s in enumerate(samples):
+        if not isinstance(s, dict):
+            raise DataError(f"{name}: sample #{i}: expected an object, got {type(s).__name__}")
+        s.setdefault("id", f"#{i}")
+        convs = s.get("conversations")
+        if not isinstance(convs, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str)
+                                                  and t.get("from") in ("system", "human", "gpt") for t in convs):
+            raise DataError(f"{name}: sample {s['id']}: needs 'conversations', a list of "
+                            '{"from": "human"|"gpt"|"system", "value": str}')
+        if "image" in s and not isinstance(s["image"], str):
+            raise DataError(f"{name}: sample {s['id']}: 'image' must be one file name")
+    return samples
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """LLaVA-format conversations, tokenized once up front (cheap, and it finds bad samples before
+    training starts); images are opened lazily in __getitem__. Images are looked up in image_folder,
+    by default the data file's folder; absolute paths are used as they are."""
+
+    def __init__(self, path, tokenizer, template, image_folder=None, image_size=336, mean=CLIP_MEAN,
+                 std=CLIP_STD, image_mode="pad", max_len=None):
+        self.path, self.name = path, os.path.basename(path)
+        self.image_folder = os.path.dirname(os.path.abspath(path)) if image_folder is None else image_folder
+        self.image_size, self.mean, self.std, self.image_mode = image_size, mean, std, image_mode
+        template = get_template(template)
+        self.samples, self.skipped = [], []
+        for s in load_samples(path):
+            convs = [dict(t) for t in s["conversations"]]
+            n_tags = sum(t["value"].count(IMAGE_TAG) for t in convs)
+            if n_tags > (1 if "image" in s else 0):
+                self._fail(s, f"{n_tags} {IMAGE_TAG} tag(s) but {1 if 'image' in s else 0} image(s)")
+            image = None
+            if "image" in s:
+                image = os.path.join(self.image_folder, s["image"])
+                if not os.path.isfile(image):
+                    self._fail(s, f"image not found: {image}")
+                human = next((t for t in convs if t["from"] == "human"), None)
+                if n_tags == 0 and human is not None:  # an untagged image goes where LLaVA moves tags to
+                    human["value"] = IMAGE_TAG + "\n" + human["value"]
+            try:
+                ids, labels = tokenize_conversation(convs, tokenizer, template, max_len=max_len)
+            except TooLong:
+                self.skipped.append(s["id"])
+                continue
+            except ValueError as e:
+                self._fail(s, str(e))
+            self.samples.append(dict(id=s["id"], image=image, input_ids=ids, labels=labels))
+        if self.skipped:
+            print(f"{self.name}: skipped {len(self.skipped)} of {len(self.skipped) + len(self.samples)} samples "
+                  f"that do not fit max_len={max_len} (first ids: {self.skipped[:5]})")
+
+    def _fail(self, sample, msg):
+        raise DataError(f"{self.name}: sample {sample['id']}: {msg}")
+
+    @property
+    def has_image(self):
+        return [s["image"] is not None for s in self.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        pixel_values = None
+        if s["image"] is not None:
+            try:
+                with Image.open(s["image"]) as im:
+                    pixel_values = preprocess_image(im, self.image_size, self.mean, self.std, self.image_mode)
+            except OSError as e:
+                self._fail(s, f"cannot read image {s['image']}: {e}")
+        return dict(id=s["id"], input_ids=torch.tensor(s["input_ids"]), labels=torch.tensor(s["labels"]),
+                    pixel_values=pixel_values)
+
+
+def collate(batch, pad_id):
+    """Right-pad a list of samples into a batch. Use DataLoader(..., collate_fn=partial(collate, pad_id=...)).
+
+    Returns input_ids (B, T) padded with pad_id, labels (B, T) padded with IGNORE_INDEX so padding is
+    never trained, attention_mask (B, T) 1 for real tokens, pixel_values (n_images, 3, H, W) for the
+    samples that have an image, in batch order (None if none has), has_image (B,) bool, and ids."""
+    B, T = len(batch), max(len(b["input_ids"]) for b in batch)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = b["input_ids"], b["labels"], 1
+    images = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
+    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                pixel_values=torch.stack(images) if images else None,  # (n_images, 3, H, W)
+                has_image=torch.tensor([b["pixel_values"] is not None for b in batch]),
+                ids=[b["id"] for b in batch])
+
+
+class ModalityBatchSampler:
+    """Batches that are all-image or all-text, in a shuffled order (LLaVA's group_by_modality_length,
+    without its length sorting). Text-only samples are much shorter than image ones (an image is
+    hundreds of positions), so mixing them wastes compute on padding. Deterministic from seed + epoch."""
+
+    def __init__(self, has_image, batch_size, seed=0, drop_last=False):
+        self.has_image, self.batch_size, self.seed, self.drop_last = has_image, batch_size, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _batches(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = []
+        for flag in (True, False):
+            idx = [i for i, h in enumerate(self.has_image) if h == flag]
+            idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+            batches += [idx[k:k + self.batch_size] for k in range(0, len(idx), self.batch_size)
+                        if not self.drop_last or k + self.batch_size <= len(idx)]
+        return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self):
+        return len(self._batches())
+
+
+def iter_texts(path):
+    """Every message of a data file, without the image tag (e.g. to train a tokenizer on)."""
+    for s in load_samples(path):
+        for t in s["conversations"]:
+            yield t["value"].replace(IMAGE_TAG, "").strip()
+
+# -----------------------------------------------------------------------------
+# Mask viewer: see which tokens are trained
+
+STYLES = {"trained": "\033[1;32m", "masked": "\033[2m", "image": "\033[1;35m"}  # bold green, dim, magenta
+RESET = "\033[0m"
+
+
+def render_mask(ids, labels, tokenizer, color=False):
+    """The sequence as text with trained tokens in bold green (color) or in [brackets] (plain text),
+    masked ones dim, the image placeholder as <image>; then the count of trained and masked tokens."""
+    def kind(pair):
+        return "image" if pair[0] == IMAGE_TOKEN_INDEX else "masked" if pair[1] == IGNORE_INDEX else "trained"
+
+    parts = []
+    for k, run in itertools.groupby(zip(ids, labels), key=kind):
+        text = tokenizer.decode([i for i, _ in run])  # a whole run at once, so multi-byte characters stay whole
+        parts.append(STYLES[k] + text + RESET if color else f"[{text}]" if k == "trained" else text)
+    trained = sum(label != IGNORE_INDEX for label in labels)
+    return "".join(parts) + f"\n({len(ids)} tokens: {trained} trained, {len(ids) - trained} masked)"
+
+
+def show(path, tokenizer, template, n=3, image_folder=None, max_len=None, color=None):
+    """Print the first n samples of a data file as the model will see them. Colour only on a terminal."""
+    color = sys.stdout.isatty() if color is None else color
+    template = get_template(template)
+    legend = " ".join(STYLES[k] + k + RESET for k in STYLES) if color else "[trained] masked <image>"
+    print(f"{os.path.basename(path)} · template {template.name} · {legend}")
+    for s in load_samples(path)[:n]:
+        head = f"── sample {s['id']} "
+        if "image" in s:
+            image = os.path.join(image_folder or os.path.dirname(os.path.abspath(path)), s["image"])
+            head += f"· {s['image']}{'' if os.path.isfile(image) else ' (missing!)'} "
+        print("\n" + head + "─" * max(0, 78 - len(head)))
+        try:
+            ids, labels = tokenize_conversation(s["conversations"], tokenizer, template, max_len)
+            print(render_mask(ids, labels, tokenizer, color))
+        except ValueError as e:
+            print(f"cannot tokenize: {e}")
+
+# -----------------------------------------------------------------------------
+# Synthetic shapes: a clean, learnable, offline image-question data set
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLORS = ("red", "green", "blue", "yellow")
+SIZES = ("small", "large")
+RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 195, 20)}
+DIAMETER = {"small": 0.45, "large": 0.8}  # as a fraction of a grid cell: clearly apart, never overlapping
+CELLS = ("top left", "top center", "top right", "middle left", "center", "middle right",
+         "bottom left", "bottom center", "bottom right")  # a 3x3 grid, row by row: cell = 3 * row + col
+TEXT_FACTS = [("What color do you get by mixing red and yellow?", "orange"),
+              ("What color do you get by mixing blue and yellow?", "green"),
+              ("What color do you get by mixing red and blue?", "purple"),
+              ("What color do you get by mixing red and white?", "pink"),
+              ("How many sides does a triangle have?", "3"), ("How many sides does a square have?", "4"),
+              ("How many corners does a diamond have?", "4"), ("Which shape has no corners?", "circle"),
+              ("What color is grass?", "green"), ("What color is a banana?", "yellow"),
+              ("What color is the sky on a clear day?", "blue"), ("What color is a strawberry?", "red")]
+TEXT_FACTS += [(f"What is {a} plus {b}?", str(a + b)) for a in range(5) for b in range(5)]
+
+
+def draw_shapes(objects, size, rng):
+    """Objects {"shape", "color", "size", "cell"} on white, each jittered a little inside its own cell
+    (so they never overlap); drawn at 4x and box-downsampled so the edges are anti-aliased."""
+    S, cell = 4 * size, 4 * size / 3
+    image = Image.new("RGB", (S, S), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for o in objects:
+        r = DIAMETER[o["size"]] * cell / 2
+        slack = 0.5 * (cell / 2 - r)  # a little jitter, but centres stay well inside their cell
+        cx = (o["cell"] % 3 + 0.5) * cell + rng.uniform(-slack, slack)
+        cy = (o["cell"] // 3 + 0.5) * cell + rng.uniform(-slack, slack)
+        fill = RGB[o["color"]]
+        if o["shape"] == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif o["shape"] == "square":
+            draw.rectangle((cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r), fill=fill)
+        elif o["shape"] == "triangle":
+            draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    return image.reduce(4)
+
+
+def caption(objects):
+    """Objects in cell order: 'a large red circle at the top left and a small blue square at the center.'"""
+    parts = [f"a {o['size']} {o['color']} {o['shape']} at the {CELLS[o['cell']]}" for o in objects]
+    return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + "."
+
+
+def ask(kind, objects, rng):
+    """One (question, answer) of a kind about the objects, or None if that kind would be ambiguous here."""
+    count = lambda **kw: sum(all(o[k] == v for k, v in kw.items()) for o in objects)  # noqa: E731
+    unique = lambda *keys: [o for o in objects if count(**{k: o[k] for k in keys}) == 1]  # noqa: E731
+    if kind == "color" and unique("shape"):
+        o = rng.choice(unique("shape"))
+        return f"What color is the {o['shape']}?", o["color"]
+    if kind == "shape" and unique("color"):
+        o = rng.choice(unique("color"))
+        return f"What shape is the {o['color']} object?", o["shape"]
+    if kind in ("size", "position") and unique("color", "shape"):
+        o = rng.choice(unique("color", "shape"))
+        if kind == "size":
+            return f"Is the {o['color']} {o['shape']} small or large?", o["size"]
+        return f"Where is the {o['color']} {o['shape']}?", CELLS[o["cell"]]
+    if kind == "count":
+        which = rng.choice(["all", "color", "shape"])
+        if which == "color":
+            c = rng.choice(COLORS)
+            return f"How many {c} shapes are there?", str(count(color=c))
+        if which == "shape":
+            s = rng.choice(SHAPES)
+            return f"How many {s}s are there?", str(count(shape=s))
+        return "How many shapes are there?", str(len(objects))
+    if kind == "exists":
+        if rng.random() < 0.5:  # half the time ask about an object that is there
+            o = rng.choice(objects)
+            return f"Is there a {o['color']} {o['shape']}?", "yes"
+        absent = [(c, s) for c in COLORS for s in SHAPES if not count(color=c, shape=s)]
+        c, s = rng.choice(absent)
+        return f"Is there a {c} {s}?", "no"
+    return None
+
+
+QUESTION_KINDS = ("color", "shape", "size", "position", "count", "exists")
+
+
+def make_shapes(out_dir, n_images=4000, seed=0, size=64, test_frac=0.1):
+    """Write images/*.png, captions.json (stage 1), instruct.json (stage 2), test.json (held-out
+    images, one short-answer question each) and meta.json (the objects of every image)."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    n_test = round(n_images * test_frac)
+    meta, captions, instruct, test = [], [], [], []
+    for i in range(n_images):
+        cells = sorted(rng.sample(range(9), rng.randint(1, 3)))
+        objects = [dict(shape=rng.choice(SHAPES), color=rng.choice(COLORS), size=rng.choice(SIZES),
+                        cell=c) for c in cells]
+        image = f"images/{i:05d}.png"
+        draw_shapes(objects, size, rng).save(os.path.join(out_dir, image))
+        split = "test" if i >= n_images - n_test else "train"
+        meta.append(dict(image=image, split=split, objects=objects))
+        if split == "test":  # cycle through the kinds so each is evaluated about equally often
+            kinds = QUESTION_KINDS[i % len(QUESTION_KINDS):] + QUESTION_KINDS
+            kind, (q, a) = next((k, qa) for k in kinds if (qa := ask(k, objects, rng)))
+            test.append(dict(id=f"test-{i:05d}", image=image, type=kind,
+                             conversations=_turns([(q, a)], image=True)))
+            continue
+        captions.append(dict(id=f"caption-{i:05d}", image=image, conversations=[
+            {"from": "human", "value": IMAGE_TAG}, {"from": "gpt", "value": caption(objects)}]))
+        qas = [("Describe the image.", caption(objects))] if rng.random() < 0.2 else []
+        n_turns = rng.randint(2, 4)
+        while len(qas) < n_turns:
+            qa = ask(rng.choice(QUESTION_KINDS), objects, rng)
+            if qa:
+                qas.append(qa)
+        instruct.append(dict(id=f"instruct-{i:05d}", image=image, conversations=_turns(qas, image=True)))
+    for i in range(len(instruct) // 9):  # text-only: ~10% of stage 2, so the LLM keeps answering without images
+        instruct.append(dict(id=f"text-{i:05d}", conversations=_turns(rng.sample(TEXT_FACTS, rng.randint(1, 2)))))
+    rng.shuffle(instruct)
+    for name, samples in [("captions", captions), ("instruct", instruct), ("test", test)]:
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:  # one sample per line: greppable
+            f.write("[\n" + ",\n".join(json.dumps(s) for s in samples) + "\n]\n")
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(dict(size=size, shapes=SHAPES, colors=COLORS, sizes=SIZES, cells=CELLS, images=meta), f)
+    return dict(captions=len(captions), instruct=len(instruct), test=len(test))
+
+
+def _turns(qas, image=False):
+    turns = []
+    for k, (q, a) in enumerate(qas):
+        turns += [{"from": "human", "value": (IMAGE_TAG + "\n" if image and k == 0 else "") + q},
+                  {"from": "gpt", "value": a}]
+    return turns
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="tinyllava data tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("show", help="print samples with their trained tokens highlighted")
+    p.add_argument("file")
+    p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json")
+    p.add_argument("--template", default="vicuna_v1", help=f"one of {', '.join(TEMPLATES)}")
+    p.add_argument("-n", type=int, default=3, help="number of samples to show")
+    p.add_argument("--image-folder", default=None)
+    p.add_argument("--max-len", type=int, default=None)
+    p = sub.add_parser("make-shapes", help="write the synthetic shapes data set")
+    p.add_argument("out_dir")
+    p.add_argument("--n-images", type=int, default=4000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    args = parser.parse_args(argv)
+    if args.command == "show":
+        show(args.file, load_tokenizer(args.tokenizer), args.template, args.n, args.image_folder, args.max_len)
+    else:
+        t0 = time.time()
+        counts = make_shapes(args.out_dir, args.n_images, args.seed, args.size)
+        print(f"wrote {args.n_images} images to {args.out_dir} in {time.time() - t0:.1f}s: "
+              + ", ".join(f"{k}.json {v} samples" for k, v in counts.items()))
+
+
+if __name__ == "__main__":
+    main()
