@@ -413,8 +413,8 @@ class LanguageModel(nn.Module):
         self.gradient_checkpointing = False  # recompute layer activations in backward to save memory
         self.apply(init_weights)
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None):
-        """input_ids (B, T) or inputs_embeds (B, T, D) -> logits (B, T, V).
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, last_only=False):
+        """input_ids (B, T) or inputs_embeds (B, T, D) -> logits (B, T, V), or (B, 1, V) if last_only.
 
         attention_mask (B, S) marks real tokens (1) and padding (0) over everything seen so far,
         cached tokens included. Positions count real tokens only, so a left-padded prompt starts at 0."""
@@ -444,6 +444,8 @@ class LanguageModel(nn.Module):
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
+        if last_only:  # generation needs only the next token's logits: skip the (T, V) matmul over the prompt
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
     @classmethod
@@ -480,9 +482,9 @@ def shifted_cross_entropy(logits, labels):
     Labels are aligned with the inputs (labels[t] is the token at position t), so the logits at t are
     scored against labels[t + 1]: the model predicts the *next* token. Doing the shift here, once, keeps
     every data path free of off-by-one mistakes. A batch without a trained token gives 0, not NaN."""
-    logits = logits[:, :-1].float()  # (B, T-1, V): predictions for positions 1..T-1
-    targets = labels[:, 1:]  # (B, T-1)
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    # shift the labels rather than the logits: slicing the (B, T, V) logits would copy them, twice with the backward
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): targets[t] = labels[t + 1]; the last predicts nothing
+    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
@@ -498,6 +500,7 @@ class TinyLlava(nn.Module):
             ).to(w.dtype)
         self.source_dir = None  # where tokenizer files come from (copied by save_pretrained)
         self.sources = {}  # the vision / LLM checkpoints this model was built from (written to config.json)
+        self.chat = {}  # what chat/eval need to rebuild a prompt: template name and image preprocessing (set by training)
         print(parameter_table(self))
 
     @property
@@ -582,8 +585,13 @@ class TinyLlava(nn.Module):
         B, T, _ = embeds.shape
         eos = eos_token_id if eos_token_id is not None else lm.config.eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=embeds.device)
-        cache = KVCache(lm.config, B, T + max_new_tokens, embeds.device, embeds.dtype)
-        logits = lm(inputs_embeds=embeds, attention_mask=mask, cache=cache)[:, -1]  # prefill: (B, V)
+        # under autocast, keys and values come out of the projections in the autocast dtype: cache them as such
+        device_type = embeds.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else embeds.dtype
+        cache = KVCache(lm.config, B, T + max_new_tokens, embeds.device, dtype)
+        if bool(mask.all()):
+            mask = None  # no padding: positions and causality follow from the cache alone, no mask to grow per step
+        logits = lm(inputs_embeds=embeds, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # prefill: (B, V)
         done = torch.zeros(B, dtype=torch.bool, device=embeds.device)
         for i in range(max_new_tokens):
             token = sample(logits, temperature, top_p, generator)  # (B,)
@@ -592,7 +600,8 @@ class TinyLlava(nn.Module):
             done |= torch.isin(token, eos)
             if i == max_new_tokens - 1 or bool(done.all()):
                 return
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             logits = lm(token[:, None], attention_mask=mask, cache=cache)[:, -1]
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, temperature=0.0, top_p=1.0, eos_token_id=None, generator=None):
@@ -632,6 +641,7 @@ class TinyLlava(nn.Module):
         load_weights(model, read_safetensors(path, device), path, llava_key, dtype, device)
         model.source_dir = path
         model.sources = d.get("tinyllava_sources", {})
+        model.chat = d.get("tinyllava_chat", {})
         return model
 
     def save_pretrained(self, path):
@@ -767,6 +777,7 @@ def llava_config_to_hf(model):
         "image_token_index": IMAGE_TOKEN_INDEX,
         "tie_word_embeddings": model.language_model.config.tie_word_embeddings,
         "tinyllava_sources": model.sources,
+        "tinyllava_chat": model.chat,
     }
 
 
@@ -874,3 +885,182 @@ def save_safetensors(tensors, file):
     tmp = file + ".tmp"
     save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
     os.replace(tmp, file)
+
+
+# -----------------------------------------------------------------------------
+# Command line: talk to a trained model, or measure it on a LLaVA-format file
+#   python tinyllava.py chat --model runs/sft --image data/shapes/images/03600.png [--prompt "What color is the circle?"]
+#   python tinyllava.py eval --model runs/sft --data data/shapes/test.json [--out answers.jsonl]
+# The prompt is built by data.py's template code, the very code that built the training data.
+
+
+def load_for_inference(path, device=None, template=None):
+    """(model, tokenizer, template name, image settings) from a checkpoint written by train_sft.py.
+    A LLaVA checkpoint from elsewhere works too, given --template (images then use its preprocessor_config.json)."""
+    import data  # imported here: data.py imports this file, and the model itself never needs the data path
+
+    model = TinyLlava.from_pretrained(path, device=device).eval()
+    tokenizer = data.load_tokenizer(path)
+    template = template or model.chat.get("template")
+    if template is None:
+        raise ValueError(f"{path}/config.json names no conversation template (tinyllava_chat): pass --template")
+    image = model.chat.get("image")
+    if image is None:
+        c = data.load_image_processor_config(path)
+        image = dict(size=c.size, mean=c.mean, std=c.std, mode="pad")
+    return model, tokenizer, data.get_template(template), image
+
+
+def stop_ids(model, tokenizer, template):
+    """Token ids that end an answer: the template's end token and the LLM's own end tokens."""
+    eos = model.language_model.config.eos_token_id
+    ids = {tokenizer.eos_id if template.end is None else tokenizer.token_to_id(template.end)}
+    ids |= set([eos] if isinstance(eos, int) else eos or [])
+    return sorted(i for i in ids if i is not None)
+
+
+def load_pixels(file, image):
+    """(1, 3, H, W) pixels of an image file, prepared as in training."""
+    import data
+    from PIL import Image
+
+    with Image.open(file) as im:
+        return data.preprocess_image(im, image["size"], image["mean"], image["std"], image["mode"])[None]
+
+
+def answer_batch(model, tokenizer, prompts, pixel_values, stop, max_new_tokens=32):
+    """Greedy answers (strings) to a batch of prompts (lists of ids, -200 where the image goes);
+    pixel_values (n_img, 3, H, W) for the prompts that have an image, in order, or None.
+
+    The prompts are LEFT-padded: each generated token is appended in one column for the whole batch,
+    so every prompt must end in that same column. (Training pads on the right, where nothing follows.)"""
+    device = model.language_model.lm_head.weight.device
+    T = max(map(len, prompts))
+    ids = torch.full((len(prompts), T), 0, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p) :], mask[i, T - len(p) :] = torch.tensor(p), 1
+    pixel_values = None if pixel_values is None else pixel_values.to(device)
+    out = model.generate(ids.to(device), pixel_values, mask.to(device), max_new_tokens, eos_token_id=stop)
+    answers = []
+    for row in out.tolist():
+        row = row[: next((k for k, t in enumerate(row) if t in stop), len(row))]  # cut at the first end token
+        answers.append(tokenizer.decode(row).strip())
+    return answers
+
+
+def normalize(text):
+    """Exact match ignores case, punctuation and spacing: 'Red.' == 'red'."""
+    return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
+
+
+def evaluate(model_dir, data_file, image_folder=None, batch_size=64, out=None, device=None, template=None, max_new_tokens=32):
+    """Answer the last human turn of every sample by greedy generation; print exact-match accuracy,
+    overall and per "type" when the samples have one; write the answers as JSONL. Returns the accuracies."""
+    import data
+
+    model, tokenizer, template, image = load_for_inference(model_dir, device, template)
+    stop = stop_ids(model, tokenizer, template)
+    folder = image_folder or os.path.dirname(os.path.abspath(data_file))
+    samples = data.load_samples(data_file)
+    out = out or os.path.join(model_dir, "answers.jsonl")
+    rows = []
+    for k in range(0, len(samples), batch_size):
+        prompts, pixels = [], []
+        for s in samples[k : k + batch_size]:
+            convs = [dict(t) for t in s["conversations"]]
+            if convs[-1]["from"] != "gpt":
+                raise ValueError(f"{data_file}: sample {s['id']}: the last turn must be the reference answer (from gpt)")
+            if "image" in s:
+                if data.IMAGE_TAG not in convs[0]["value"]:
+                    convs[0]["value"] = data.IMAGE_TAG + "\n" + convs[0]["value"]  # an untagged image goes first
+                file = os.path.join(folder, s["image"])
+                try:
+                    pixels.append(load_pixels(file, image))
+                except OSError as e:
+                    raise ValueError(f"{data_file}: sample {s['id']}: cannot read image {file}: {e}") from None
+            try:
+                prompts.append(data.build_prompt(convs[:-1], tokenizer, template))
+            except ValueError as e:
+                raise ValueError(f"{data_file}: sample {s['id']}: {e}") from None
+        answers = answer_batch(model, tokenizer, prompts, torch.cat(pixels) if pixels else None, stop, max_new_tokens)
+        for s, a in zip(samples[k : k + batch_size], answers):
+            ref = s["conversations"][-1]["value"]
+            rows.append(dict(id=s["id"], type=s.get("type"), question=s["conversations"][-2]["value"], answer=ref,
+                             prediction=a, correct=normalize(a) == normalize(ref)))
+    with open(out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    accuracy = {"all": sum(r["correct"] for r in rows) / max(1, len(rows))}
+    for t in sorted({r["type"] for r in rows if r["type"] is not None}):
+        group = [r["correct"] for r in rows if r["type"] == t]
+        accuracy[t] = sum(group) / len(group)
+    print(f"exact match on {len(rows)} questions of {data_file} ({os.path.basename(model_dir.rstrip('/'))}):")
+    for t, a in accuracy.items():
+        print(f"  {t:<10} {a:7.1%}  ({sum(r['correct'] for r in rows if t == 'all' or r['type'] == t)}"
+              f"/{sum(1 for r in rows if t == 'all' or r['type'] == t)})")
+    print(f"answers written to {out}")
+    return accuracy
+
+
+def chat(model_dir, image_file=None, prompt=None, device=None, template=None, max_new_tokens=256, temperature=0.0):
+    """A multi-turn conversation in the terminal (one turn with `prompt`), answers streamed token by token."""
+    import data
+
+    model, tokenizer, template, image = load_for_inference(model_dir, device, template)
+    stop = stop_ids(model, tokenizer, template)
+    device = model.language_model.lm_head.weight.device
+    pixel_values = None if image_file is None else load_pixels(image_file, image).to(device)
+    conversation = []
+    if prompt is None:
+        print("(an empty line or Ctrl-D ends the chat)")
+    while True:
+        try:
+            text = prompt if prompt is not None else input("user> ")
+        except EOFError:
+            text = ""
+        if not text.strip():
+            return conversation
+        if not conversation and pixel_values is not None:
+            text = data.IMAGE_TAG + "\n" + text
+        conversation.append({"from": "human", "value": text})
+        ids = torch.tensor([data.build_prompt(conversation, tokenizer, template)], device=device)
+        print("assistant> ", end="", flush=True)
+        tokens, shown = [], ""
+        for t in model.stream(ids, pixel_values, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=stop):
+            if t.item() in stop:
+                break
+            tokens.append(t.item())
+            text = tokenizer.decode(tokens)  # decode everything so far: a character may span several tokens
+            print(text[len(shown) :], end="", flush=True)
+            shown = text
+        print()
+        conversation.append({"from": "gpt", "value": shown.strip()})
+        if prompt is not None:
+            return conversation
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="tinyllava: chat with a trained model or evaluate it")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("chat", "eval"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", required=True, help="checkpoint directory (e.g. runs/sft)")
+        p.add_argument("--template", help="conversation template (default: the one the model was trained with)")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--max-new-tokens", type=int, default=256 if name == "chat" else 32)
+        if name == "chat":
+            p.add_argument("--image", help="image file to talk about")
+            p.add_argument("--prompt", help="ask this once and exit, instead of an interactive chat")
+            p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        else:
+            p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL; the last turn of each sample is the reference")
+            p.add_argument("--image-folder", help="default: the data file's folder")
+            p.add_argument("--batch-size", type=int, default=64)
+            p.add_argument("--out", help="answers JSONL (default: MODEL/answers.jsonl)")
+    args = parser.parse_args()
+    if args.command == "chat":
+        chat(args.model, args.image, args.prompt, args.device, args.template, args.max_new_tokens, args.temperature)
+    else:
+        evaluate(args.model, args.data, args.image_folder, args.batch_size, args.out, args.device, args.template, args.max_new_tokens)

@@ -1,0 +1,465 @@
+"""
+bench.py: tinyllava against transformers' LlavaForConditionalGeneration, on the same weights, with MFU.
+
+    python bench.py                          # CPU, realistic shapes, random weights (nothing is downloaded)
+    python bench.py --quick                  # tiny shapes, a few seconds (tests/test_bench.py runs this)
+    python bench.py --device cuda --json bench.json
+    python bench.py --model DIR              # a LLaVA checkpoint (transformers' layout or ours)
+    python bench.py --vision DIR --llm DIR   # a CLIP/SigLIP + a Llama/Qwen2 checkpoint, random projector
+    python bench.py --rows decode,train-b8 --dtype fp32
+
+The default model is a CLIP-B/16-224-shaped vision tower and a SmolLM2-135M-shaped Llama decoder (GQA,
+tied embeddings) joined by an mlp2x_gelu projector: transformers builds it with random weights, and
+tinyllava loads it from a temporary directory. Before anything is timed, both implementations must give
+the same fp32 logits and loss; if they do not, the script stops without a table.
+
+Rows, each timed after warm-up as the median of repeats that alternate ours / transformers (so that a
+busy machine slows both sides alike):
+  prefill-bB   one image + 64 text tokens -> the logits of every position
+  decode-bB    greedy generation of 128 new tokens with a KV cache (prefill included), no early stop
+  train-b8     forward + backward + AdamW step, stage-2 freezing (vision frozen; projector and LLM
+               trained), 256 tokens per sample (the image's tokens included)
+in fp32 and in bf16 (autocast over fp32 weights, the usual mixed precision).
+
+MFU = model FLOPs / time / peak FLOP/s. A token costs 2 FLOPs per matmul weight in a forward pass and 6 in
+a trained part (forward + backward), plus attention: 4 * layers * width per (query, key) pair visited,
+x3 when trained. The frozen vision tower runs forward only, so it counts 2, not 6. The peak is a large
+GEMM measured in this same run on CPU; on GPU it comes from a table of datasheet figures, or "unknown".
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+
+import tinyllava as tl
+
+# dense datasheet peaks in FLOP/s (no sparsity); fp32 means plain FP32, as PyTorch does not use TF32 by default.
+# The first name found in torch.cuda.get_device_name() wins, so the more specific names come first.
+GPU_PEAKS = [
+    ("H200", {"fp32": 67e12, "bf16": 989e12}),
+    ("H100 NVL", {"fp32": 60e12, "bf16": 835e12}),
+    ("H100 PCIe", {"fp32": 51e12, "bf16": 756e12}),
+    ("H100", {"fp32": 67e12, "bf16": 989e12}),  # SXM
+    ("A100", {"fp32": 19.5e12, "bf16": 312e12}),
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# -----------------------------------------------------------------------------
+# The two models, on the same weights
+
+
+def default_config(quick):
+    """A LlavaConfig shaped like CLIP ViT-B/16-224 + SmolLM2-135M (--quick: a toy of the same kind)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    if quick:
+        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+        text = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    else:
+        vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=16)
+        text = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)
+    text = LlamaConfig(**text, tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+        text_config=text, image_token_index=text.vocab_size - 1,  # transformers needs the image token in the vocabulary
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+
+
+def load_models(args, tmp):
+    """-> (ours, transformers' model), both fp32 on args.device, with identical weights."""
+    from transformers import LlavaForConditionalGeneration
+
+    if args.model:
+        path = args.model
+    elif args.vision or args.llm:
+        if not (args.vision and args.llm):
+            raise SystemExit("--vision and --llm go together")
+        path = os.path.join(tmp, "llava")
+        tl.TinyLlava.from_parts(args.vision, args.llm).save_pretrained(path)  # the projector starts random
+    else:
+        path = os.path.join(tmp, "llava")
+        torch.manual_seed(0)
+        LlavaForConditionalGeneration(default_config(args.quick)).save_pretrained(path)
+    ours = tl.TinyLlava.from_pretrained(path, device=args.device)
+    ref = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(args.device)
+    vocab = ours.language_model.config.vocab_size
+    if not 0 <= ref.config.image_token_id < vocab:  # our own checkpoints say -200, a value transformers cannot embed
+        ref.config.image_token_id = ref.config.image_token_index = vocab - 1
+    # no early stop on either side: both must generate exactly the tokens asked for
+    ref.generation_config.eos_token_id = None
+    ref.generation_config.pad_token_id = 0
+    return ours, ref
+
+
+def make_batch(ours, ref, batch, n_text, seed=0):
+    """Random prompts with one image after 4 text tokens, in both formats: ours with one -200
+    placeholder, transformers' with its image token repeated once per image feature."""
+    g = torch.Generator().manual_seed(seed)
+    vocab, img = ours.language_model.config.vocab_size, ref.config.image_token_id
+    text = torch.randint(0, vocab - 1, (batch, n_text), generator=g)
+    text += (text >= img).long()  # never the image token itself
+    N, cut = ours.vision_tower.num_tokens, min(4, n_text)
+    ids = torch.cat([text[:, :cut], torch.full((batch, 1), tl.IMAGE_TOKEN_INDEX), text[:, cut:]], dim=1)
+    hf_ids = torch.cat([text[:, :cut], torch.full((batch, N), img), text[:, cut:]], dim=1)
+    # labels: every text token is trained, the image is not (transformers and ours both shift them)
+    labels = ids.masked_fill(ids == tl.IMAGE_TOKEN_INDEX, tl.IGNORE_INDEX)
+    hf_labels = hf_ids.masked_fill(hf_ids == img, tl.IGNORE_INDEX)
+    size = ours.vision_tower.config.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=g)
+    dev = ours.language_model.lm_head.weight.device
+    to = lambda t: t.to(dev)  # noqa: E731
+    return dict(ids=to(ids), hf_ids=to(hf_ids), labels=to(labels), hf_labels=to(hf_labels), pixels=to(pixels))
+
+
+def check_parity(ours, ref, n_text):
+    """Same fp32 logits and loss on a 2-sample batch, or stop: a speed comparison of two different
+    computations would mean nothing."""
+    b = make_batch(ours, ref, 2, n_text, seed=1)
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        logits, loss = ours(b["ids"], b["pixels"], labels=b["labels"])
+        want = ref(input_ids=b["hf_ids"], pixel_values=b["pixels"], labels=b["hf_labels"], use_cache=False)
+    diff = (logits - want.logits).abs().max().item()
+    scale = max(1.0, want.logits.abs().max().item())
+    loss_diff = abs(loss.item() - want.loss.item())
+    ok = logits.shape == want.logits.shape and diff <= 1e-4 * scale and loss_diff <= 1e-4 * max(1.0, want.loss.item())
+    return dict(ok=ok, max_logits_diff=diff, max_abs_logit=scale, loss_diff=loss_diff)
+
+
+# -----------------------------------------------------------------------------
+# FLOPs and peaks
+
+
+def matmul_weights(module):
+    # weights that multiply activations: Linear and Conv (patch embedding); embedding tables are lookups
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+def model_flops(model, batch, n_text, new_tokens=0, train=False, all_logits=True):
+    """FLOPs of one prefill (+ new_tokens - 1 cached decode steps), or of a training step's forward+backward."""
+    vt, lm = model.vision_tower, model.language_model
+    vc, lc = vt.config, lm.config
+    Tv = vc.num_patches + vc.has_cls  # tokens that run through the vision tower (CLS included)
+    vision = 2 * matmul_weights(vt) * Tv + 4 * len(vt.encoder.layers) * vc.hidden_size * Tv * Tv  # bidirectional
+    N = vt.num_tokens
+    projector = 2 * matmul_weights(model.multi_modal_projector) * N
+    body, head = matmul_weights(lm.model), lm.lm_head.weight.numel()
+    d_attn, L = lc.num_attention_heads * lc.head_dim, lc.num_hidden_layers
+    T = N + n_text
+    text = 2 * body * T + 2 * head * (T if all_logits else 1) + 4 * L * d_attn * T * (T + 1) // 2  # causal
+    if train:  # backward costs twice the forward, for the trained parts only
+        return batch * (vision + 3 * (projector + text))
+    decode = sum(2 * (body + head) + 4 * L * d_attn * (p + 1) for p in range(T, T + new_tokens - 1))
+    return batch * (vision + projector + text + decode)
+
+
+def gemm_peak(device, dtype, n, repeats=5):
+    """Best FLOP/s of an (n, n) @ (n, n) GEMM in the layout nn.Linear uses (x @ W.T)."""
+    a, w = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / min(timed(lambda: torch.nn.functional.linear(a, w), device) for _ in range(repeats + 1))
+
+
+def gpu_peak(dtype_name):
+    name = torch.cuda.get_device_name()
+    for key, peaks in GPU_PEAKS:
+        if key in name:
+            return peaks[dtype_name]
+    return None  # unknown: better no MFU than a wrong one
+
+
+# -----------------------------------------------------------------------------
+# Timing
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def race(ours_fn, ref_fn, device, warmup, repeats):
+    """Median seconds of each side; the order alternates every round so neither side always goes first.
+    repeats=None: 3, or 2 for calls that take over 5 s (keeps the full CPU bench within minutes)."""
+    for _ in range(warmup):
+        t = timed(ours_fn, device) + timed(ref_fn, device)
+    if repeats is None:
+        repeats = 3 if t < 10 else 2
+    ours_t, ref_t = [], []
+    for i in range(repeats):
+        first, second = (ours_fn, ref_fn) if i % 2 == 0 else (ref_fn, ours_fn)
+        a, b = timed(first, device), timed(second, device)
+        ours_t.append(a if i % 2 == 0 else b)
+        ref_t.append(b if i % 2 == 0 else a)
+    return statistics.median(ours_t), statistics.median(ref_t), repeats
+
+
+def autocast(device, dtype_name):
+    if dtype_name == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=DTYPES[dtype_name])
+
+
+def make_optimizer(params):
+    """AdamW, the same settings on both sides; fused (one kernel for all parameters) where PyTorch has it."""
+    params = [p for p in params if p.requires_grad]
+    try:
+        return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=True)
+    except RuntimeError:
+        return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+
+
+# -----------------------------------------------------------------------------
+# The rows
+
+
+def prefill_row(ours, ref, b, amp):
+    ours.eval(), ref.eval()
+
+    def run_ours():
+        with torch.no_grad(), amp():
+            ours(b["ids"], b["pixels"])
+
+    def run_ref():
+        with torch.no_grad(), amp():
+            ref(input_ids=b["hf_ids"], pixel_values=b["pixels"], use_cache=False)
+
+    return run_ours, run_ref
+
+
+def decode_row(ours, ref, b, amp, new_tokens, out):
+    ours.eval(), ref.eval()
+
+    def run_ours():
+        with amp():
+            out["ours"] = ours.generate(b["ids"], b["pixels"], max_new_tokens=new_tokens, eos_token_id=[])
+
+    def run_ref():
+        with amp():
+            ids = ref.generate(input_ids=b["hf_ids"], pixel_values=b["pixels"], do_sample=False,
+                               max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        out["ref"] = ids[:, b["hf_ids"].size(1):]
+
+    return run_ours, run_ref
+
+
+def train_row(ours, ref, b, amp):
+    # stage 2: the vision tower stays frozen, the projector and the language model learn
+    ours.train(), ref.train()
+    ours.vision_tower.requires_grad_(False)
+    ref.model.vision_tower.requires_grad_(False)
+    opt_ours, opt_ref = make_optimizer(ours.parameters()), make_optimizer(ref.parameters())
+
+    def run_ours():
+        with amp():
+            _, loss = ours(b["ids"], b["pixels"], labels=b["labels"])
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def run_ref():
+        with amp():
+            loss = ref(input_ids=b["hf_ids"], pixel_values=b["pixels"], labels=b["hf_labels"], use_cache=False).loss
+        loss.backward()
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=True)
+
+    return run_ours, run_ref
+
+
+def plan(args):
+    """(name, kind, batch) for the rows to run; inference rows first, since training changes the weights."""
+    rows = [(f"prefill-b{B}", "prefill", B) for B in (1, 8)] + [(f"decode-b{B}", "decode", B) for B in (1, 8)]
+    rows += [("train-b8", "train", 8)]
+    if args.rows:
+        wanted = args.rows.split(",")
+        rows = [r for r in rows if any(r[0].startswith(w) for w in wanted)]
+    return rows
+
+
+def run(args):
+    from transformers import __version__ as hf_version
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    dev = torch.device(args.device)
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work on the machine skews timings
+    quick = args.quick
+    n_prompt, new_tokens, train_len = (16, 8, 48) if quick else (64, 128, 256)
+    warmup = max(1, args.warmup if args.warmup is not None else 1)
+    repeats = args.repeats if args.repeats is not None else (2 if quick else None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # progress; the table goes to stdout # noqa: E731
+
+    # peaks first: a GEMM on CPU (the same threads the models will use), a datasheet figure on GPU
+    peaks, measured = {}, {}
+    for name, dt in DTYPES.items():
+        if dev.type == "cpu":
+            n = 256 if quick else (2048 if name == "fp32" else 1024)
+            measured[name] = peaks[name] = gemm_peak(dev, dt, n)
+        else:
+            peaks[name] = gpu_peak(name)
+    dtypes = args.dtype.split(",") if args.dtype != "auto" else ["fp32", "bf16"]
+    notes = []
+    if args.dtype == "auto" and dev.type == "cpu" and not quick and measured["bf16"] < measured["fp32"]:
+        dtypes = ["fp32"]
+        notes.append(f"bf16 rows skipped: this CPU's bf16 GEMM ({measured['bf16'] / 1e9:.0f} GFLOP/s) is slower than its fp32 one "
+                     f"({measured['fp32'] / 1e9:.0f} GFLOP/s), no native bf16 units; --dtype bf16 runs them anyway")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        say("building the models ...")
+        t0 = time.time()
+        ours, ref = load_models(args, tmp)
+        say(f"  done in {time.time() - t0:.0f}s")
+    parity = check_parity(ours, ref, n_prompt)
+    say(f"parity (fp32): max |logits diff| {parity['max_logits_diff']:.2e} (max |logit| {parity['max_abs_logit']:.2f}), "
+        f"loss diff {parity['loss_diff']:.2e}")
+    if not parity["ok"]:
+        print("tinyllava and transformers disagree on the same weights: refusing to time them", file=sys.stderr)
+        return 1
+
+    results = []
+    for name, kind, B in plan(args):
+        for dtype_name in dtypes:
+            amp = lambda: autocast(dev, dtype_name)  # noqa: E731
+            n_text = train_len - ours.vision_tower.num_tokens if kind == "train" else n_prompt
+            n_text = max(n_text, 8)
+            b = make_batch(ours, ref, B, n_text)
+            T = ours.vision_tower.num_tokens + n_text  # sequence length the language model sees
+            say(f"timing {name} {dtype_name} (batch {B}, {T} tokens) ...")
+            gen = {}
+            if kind == "prefill":
+                fns, tokens = prefill_row(ours, ref, b, amp), B * T
+                flops = model_flops(ours, B, n_text)
+            elif kind == "decode":
+                fns, tokens = decode_row(ours, ref, b, amp, new_tokens, gen), B * new_tokens
+                flops = model_flops(ours, B, n_text, new_tokens, all_logits=False)
+            else:
+                fns, tokens = train_row(ours, ref, b, amp), B * T
+                flops = model_flops(ours, B, n_text, train=True)
+            t_ours, t_ref, n = race(*fns, dev, warmup, repeats)
+            peak = peaks[dtype_name]
+            row = dict(row=name, dtype=dtype_name, batch=B, seq_len=T, tokens=tokens, flops=flops, repeats=n,
+                       ours_s=t_ours, transformers_s=t_ref, ratio=t_ref / t_ours,
+                       ours_tokens_per_s=tokens / t_ours, transformers_tokens_per_s=tokens / t_ref,
+                       mfu_ours=flops / t_ours / peak if peak else None, mfu_transformers=flops / t_ref / peak if peak else None)
+            if kind == "decode":
+                if gen["ours"].shape != gen["ref"].shape:
+                    raise RuntimeError(f"decode generated {tuple(gen['ours'].shape)} vs {tuple(gen['ref'].shape)} tokens")
+                row["same_tokens"] = (gen["ours"] == gen["ref"].to(gen["ours"].device)).float().mean().item()
+            if kind == "train":
+                ours.eval(), ref.eval()
+            results.append(row)
+            say("  " + format_row(row))
+
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{cpu_name()} ({torch.get_num_threads()} CPU threads)"
+    report = dict(
+        device=device_name, torch=torch.__version__, transformers=hf_version, python=platform.python_version(),
+        load_average_at_start=load_at_start, model=describe(ours), quick=quick, warmup=warmup, repeats=repeats, parity=parity,
+        peak_flops={k: v for k, v in peaks.items()}, peak_source="measured GEMM" if dev.type == "cpu" else "datasheet",
+        notes=notes, rows=results,
+    )
+    print(render(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# Report
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
+def describe(model):
+    vc, lc = model.vision_tower.config, model.language_model.config
+    n = sum(p.numel() for p in model.parameters())
+    return (f"{vc.model_type} {vc.hidden_size}x{len(model.vision_tower.encoder.layers)} layers ({model.vision_tower.num_tokens} image tokens) "
+            f"+ {model.multi_modal_projector.kind} + {lc.model_type} {lc.hidden_size}x{lc.num_hidden_layers} layers "
+            f"({lc.num_attention_heads}/{lc.num_key_value_heads} heads, vocab {lc.vocab_size}"
+            f"{', tied' if lc.tie_word_embeddings else ''}): {n / 1e6:.1f}M parameters")
+
+
+def speed(row, side):
+    t = row[f"{side}_s"]
+    if row["row"].startswith("decode"):
+        return f"{row['tokens'] / t:.1f} tok/s"
+    return f"{t * 1e3:.0f} ms" if t < 10 else f"{t:.1f} s"
+
+
+def pct(x):
+    return "unknown" if x is None else f"{100 * x:.1f}%"
+
+
+def format_row(r):
+    return (f"{r['row']:<11} {r['dtype']:<5} {speed(r, 'ours'):>12} {speed(r, 'transformers'):>13} {r['ratio']:>6.2f}"
+            f" {pct(r['mfu_ours']):>9} {pct(r['mfu_transformers']):>9}")
+
+
+def render(rep):
+    peaks = ", ".join(f"{k} {'unknown' if v is None else f'{v / 1e9:,.0f} GFLOP/s'}" for k, v in rep["peak_flops"].items())
+    p = rep["parity"]
+    lines = [
+        f"tinyllava vs transformers {rep['transformers']} | torch {rep['torch']} | {rep['device']}",
+        f"model: {rep['model']}",
+        f"parity (fp32): max |logits diff| {p['max_logits_diff']:.1e}, loss diff {p['loss_diff']:.1e}",
+        f"peak ({rep['peak_source']}): {peaks}",
+        f"medians of {rep['repeats'] or '3 (2 for calls over 5 s)'} timed runs per side after {rep['warmup']} warm-up; "
+        "ratio = transformers time / ours (> 1: tinyllava faster)",
+        "",
+        f"{'row':<11} {'dtype':<5} {'tinyllava':>12} {'transformers':>13} {'ratio':>6} {'MFU ours':>9} {'MFU hf':>9}",
+    ]
+    lines += [format_row(r) for r in rep["rows"]]
+    lines += [f"note: {n}" for n in rep["notes"]]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="a LLaVA checkpoint directory (transformers' or tinyllava's)")
+    ap.add_argument("--vision", help="a CLIP / SigLIP checkpoint directory (with --llm)")
+    ap.add_argument("--llm", help="a Llama / Qwen2 checkpoint directory (with --vision)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--dtype", default="auto", help="fp32, bf16 or fp32,bf16; auto = both, but bf16 only where it is fast")
+    ap.add_argument("--rows", help="comma-separated row names or prefixes, e.g. decode,train-b8 (default: all)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke test, not a measurement")
+    ap.add_argument("--warmup", type=int, help="untimed runs per side before timing (default and minimum 1)")
+    ap.add_argument("--repeats", type=int, help="timed runs per side, the median is reported (default 3, 2 for calls over 5 s; --quick 2)")
+    ap.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice); 1 is steadier on a shared machine")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
+    if args.quick and args.model or args.quick and args.vision:
+        ap.error("--quick builds its own tiny model")
+    for d in args.dtype.split(","):
+        if args.dtype != "auto" and d not in DTYPES:
+            ap.error(f"--dtype: unknown {d!r}; choose from fp32, bf16")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

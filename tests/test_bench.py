@@ -1,0 +1,42 @@
+"""Smoke test of bench.py: `--quick` builds both implementations on the same tiny random weights, passes
+the parity check, times every row in fp32 and bf16, and writes a JSON report with every figure filled in.
+It proves the script runs end to end; it measures nothing (timings on toy shapes mean nothing).
+
+Run: python -m pytest -q tests/test_bench.py
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_quick_runs_checks_parity_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    # one thread: toy-sized ops gain nothing from more, and stay fast on a machine that is busy
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--repeats", "1", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["parity"]["ok"] and report["parity"]["max_logits_diff"] <= 1e-5
+    rows = {(r["row"], r["dtype"]) for r in report["rows"]}
+    names = ["prefill-b1", "prefill-b8", "decode-b1", "decode-b8", "train-b8"]
+    assert rows == {(n, d) for n in names for d in ("fp32", "bf16")}
+    for r in report["rows"]:
+        assert r["ours_s"] > 0 and r["transformers_s"] > 0 and math.isclose(r["ratio"], r["transformers_s"] / r["ours_s"])
+        assert r["flops"] > 0 and r["mfu_ours"] > 0  # CPU: the peak is measured, never unknown
+        if r["row"].startswith("decode"):
+            assert r["tokens"] == r["batch"] * 8  # --quick asks for 8 new tokens; neither side stopped early
+    assert "decode-b1" in proc.stdout and "ratio" in proc.stdout  # the table is printed too
+
+
+def test_bench_refuses_bad_arguments():
+    proc = subprocess.run([sys.executable, "bench.py", "--dtype", "fp16"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "unknown 'fp16'" in proc.stderr
