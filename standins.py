@@ -1,0 +1,292 @@
+"""
+Stage 0 of the offline pipeline: tiny stand-ins for the pretrained CLIP and LLM that LLaVA starts from.
+
+LLaVA never trains its encoders from scratch: it aligns a *pretrained* vision tower with a *pretrained*
+LLM. Offline we cannot download either, and freezing random networks would teach nothing (a frozen random
+LLM cannot caption anything, however good the projector). So we first pretrain two tiny ones on the
+shapes data set, then save them in the Hugging Face formats, so that stages 1 and 2 load them through
+exactly the same `from_pretrained` code as real CLIP / Llama weights:
+
+  vision: a CLIP-format ViT (48 px, 16 px patches: one patch per cell of the shapes' 3x3 grid) trained to
+          classify the shape, colour and size of the object in every cell (or "empty") from that patch's
+          feature in the *penultimate* layer, the one LLaVA reads (so the feature LLaVA sees is the trained
+          one). A real CLIP has one more layer after it; we append an untrained one so the checkpoint has
+          that shape, and select_layer=-2 skips it again on load, as LLaVA-1.5 skips CLIP's last layer.
+  llm:    a Llama-format decoder with its own byte-level BPE tokenizer.json, pretrained as a plain language
+          model on the text of the data set: captions, and the stage-2 chat conversations (chatml) with
+          each image replaced by its caption. So it already knows the chat format and how to answer a
+          question about a scene *described in words*; LLaVA's job is to teach it to read the scene from
+          pixels. The held-out test images are never seen here.
+
+Run alone: python standins.py [--data-dir data/shapes] [--out-dir runs/standins]
+(train_pt.py runs it when the stand-ins are missing).
+"""
+
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import data
+from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LanguageModel, LMConfig, VisionConfig, VisionLayer, VisionTower, init_weights, shifted_cross_entropy, write_json
+from train import TrainConfig, init_distributed, train
+
+DATA_DIR, OUT_DIR = "data/shapes", "runs/standins"
+N_IMAGES, IMAGE_SIZE = 4000, 48  # 3,600 training images + 400 held out; 48 px = 3 cells of 16 px
+
+VISION = VisionConfig(model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=16, hidden_size=96, intermediate_size=384,
+                      num_hidden_layers=3, num_attention_heads=4, select_layer=-2)  # built: the 2 layers LLaVA uses
+VISION_TRAIN = dict(lr=3e-3, epochs=4, batch_size=64, micro_batch_size=64, warmup=0.05, weight_decay=0.01)
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # end of text (bos/eos/pad), chatml's turn markers
+LM = dict(model_type="llama", vocab_size=800, hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+          num_key_value_heads=4, head_dim=32, max_position_embeddings=256, tie_word_embeddings=True)
+LM_TRAIN = dict(lr=3e-3, epochs=2, batch_size=8, micro_batch_size=8, warmup=0.05, weight_decay=0.01)
+
+# -----------------------------------------------------------------------------
+# The vision stand-in
+
+
+class CellClassifier(nn.Module):
+    """The vision tower plus one linear head reading every patch (= one grid cell): shape, colour, size."""
+
+    def __init__(self, tower, n_classes):
+        super().__init__()
+        self.tower, self.n_classes = tower, n_classes
+        self.head = nn.Linear(tower.config.hidden_size, sum(n_classes))
+
+    def forward(self, pixel_values):
+        return self.head(self.tower(pixel_values))  # (B, 9, sum(n_classes))
+
+
+def cell_targets(objects):
+    """(9, 3) class ids per cell: shape, colour, size, each 0 for an empty cell."""
+    t = torch.zeros(9, 3, dtype=torch.long)
+    for o in objects:
+        t[o["cell"]] = torch.tensor([data.SHAPES.index(o["shape"]) + 1, list(data.COLORS).index(o["color"]) + 1,
+                                     list(data.SIZES).index(o["size"]) + 1])
+    return t
+
+
+def cell_loss(model, batch):
+    logits = model(batch["pixel_values"])  # (B, 9, C)
+    targets = batch["labels"]  # (B, 9, 3)
+    loss = sum(F.cross_entropy(part.reshape(-1, part.size(-1)), t.reshape(-1), reduction="sum")
+               for part, t in zip(logits.split(model.n_classes, dim=-1), targets.unbind(-1)))
+    return loss, targets.numel(), targets.shape[0] * targets.shape[1]
+
+
+def load_cells(data_dir, split):
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))
+    samples = []
+    for m in meta["images"]:
+        if m["split"] == split:
+            with data.Image.open(os.path.join(data_dir, m["image"])) as im:
+                pixels = data.preprocess_image(im, IMAGE_SIZE, data.CLIP_MEAN, data.CLIP_STD)
+            samples.append(dict(pixel_values=pixels, labels=cell_targets(m["objects"])))
+    return samples
+
+
+def stack(batch):
+    return {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
+
+
+def train_vision(data_dir, out_dir, device, **overrides):
+    assert VISION.image_size // VISION.patch_size == 3, "one patch per grid cell"
+    torch.manual_seed(0)
+    n_classes = [len(data.SHAPES) + 1, len(data.COLORS) + 1, len(data.SIZES) + 1]
+    model = CellClassifier(VisionTower(VISION), n_classes).to(device)
+    train_set, test_set = load_cells(data_dir, "train"), load_cells(data_dir, "test")
+    cfg = TrainConfig(**{**VISION_TRAIN, "out_dir": os.path.join(out_dir, "vision_train"), **overrides})
+    train(model, train_set, stack, cell_loss, cfg, eval_set=test_set)
+    with torch.no_grad():  # held-out accuracy per attribute, over all 9 cells of every test image
+        batch = stack(test_set)
+        pred = torch.stack([p.argmax(-1) for p in model(batch["pixel_values"].to(device)).split(n_classes, -1)], -1)
+        acc = (pred.cpu() == batch["labels"]).float().mean((0, 1))
+    print("vision stand-in, held-out cell accuracy: " + ", ".join(f"{k} {a:.1%}" for k, a in zip(("shape", "color", "size"), acc)))
+    tower = model.tower.cpu()
+    tower.encoder.layers.append(VisionLayer(VISION).apply(init_weights))  # CLIP's last layer, which LLaVA skips
+    path = os.path.join(out_dir, "vision")
+    tower.save_pretrained(path)
+    write_json(os.path.join(path, "preprocessor_config.json"), {  # what CLIPImageProcessor needs to read the images
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": IMAGE_SIZE},
+        "do_center_crop": True, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "resample": 3,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(data.CLIP_MEAN),
+        "image_std": list(data.CLIP_STD), "do_convert_rgb": True})
+    return path, acc
+
+# -----------------------------------------------------------------------------
+# The language-model stand-in: it learns to read scenes written in "soft words"
+
+
+def attribute_words(tok):
+    """word -> its token ids: the word with a leading space (" red", as in a caption), which must be a single
+    token, and also the bare word ("red", as an answer starts) where that is a single token too."""
+    words = {w for cell in data.CELLS for w in cell.split()} | set(data.SIZES + data.COLORS + data.SHAPES) | {"empty"}
+    ids = {}
+    for w in sorted(words):
+        spaced, bare = tok.encode(" " + w), tok.encode(w)
+        if len(spaced) != 1:
+            raise ValueError(f"stand-in tokenizer: {' ' + w!r} is not a single token ({spaced}); enlarge the vocabulary")
+        ids[w] = spaced + (bare if len(bare) == 1 else [])
+    return ids
+
+
+def soft_scene(objects, words):
+    """An image as 9 "soft words", one per grid cell in the order of the ViT's patches. A soft word is a
+    list of token ids whose embeddings are *summed* into one input vector: the cell's name and what is in
+    it ("top left large red circle", "center empty"). The LLM learns to read these sums, and stage 1 must
+    teach the projector to produce such vectors from pixels: an image becomes words the LLM already knows."""
+    cells = [name.split() + ["empty"] for name in data.CELLS]
+    for o in objects:
+        cells[o["cell"]] = data.CELLS[o["cell"]].split() + [o["size"], o["color"], o["shape"]]
+    return [[i for w in cell for i in words[w]] for cell in cells]
+
+
+def lm_documents(data_dir, tok):
+    """Pretraining documents for the training images: a scene then its caption (as stage 1's `plain`
+    template writes it), and every stage-2 conversation (chatml) with the scene where the image goes.
+    A document is a list of positions, each a list of token ids to sum (one id for ordinary text)."""
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))
+    words = attribute_words(tok)
+    scenes = {m["image"]: soft_scene(m["objects"], words) for m in meta["images"] if m["split"] == "train"}
+    docs = []
+    for name, template in (("captions.json", "plain"), ("instruct.json", "chatml")):
+        for s in data.load_samples(os.path.join(data_dir, name)):
+            ids, _ = data.tokenize_conversation(s["conversations"], tok, template)
+            doc = []
+            for i in ids + [tok.eos_id]:  # every document ends with an end token: the model learns where text stops
+                doc += scenes[s["image"]] if i == IMAGE_TOKEN_INDEX else [[i]]
+            docs.append(doc)
+    return docs
+
+
+def train_tokenizer(texts, path, vocab_size):
+    """A byte-level BPE (as GPT-2, Llama 3, Qwen2): any string can be encoded, frequent words become one token."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    eot = SPECIAL[0]
+    write_json(os.path.join(path, "tokenizer_config.json"), {  # as SmolLM2 / Qwen2: no BOS is prepended
+        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "bos_token": eot, "eos_token": eot,
+        "pad_token": eot, "model_max_length": LM["max_position_embeddings"]})
+    return data.load_tokenizer(path)
+
+
+def pack(docs, block, width):
+    """Concatenate the documents and cut the stream into blocks of `block` positions, as nanoGPT does, so
+    no padding is ever computed: (n_blocks, block, width) ids, -1 where a position has fewer ids to sum.
+    Every text token is trained (a language model learns all of its text), the soft words are not."""
+    stream = [pos for d in docs for pos in d]
+    n = len(stream) // block * block
+    words = torch.full((n, width), -1, dtype=torch.long)
+    for k, pos in enumerate(stream[:n]):
+        words[k, : len(pos)] = torch.tensor(pos)
+    words = words.view(-1, block, width)  # (n_blocks, block, width)
+    labels = torch.where(words[..., 1] < 0, words[..., 0], IGNORE_INDEX)  # (n_blocks, block)
+    labels[:, 0] = IGNORE_INDEX  # nothing precedes the first position of a block
+    return [dict(words=w, labels=l) for w, l in zip(words, labels)]
+
+
+def soft_embed(lm, words):
+    """(B, T, width) ids -> (B, T, D) input embeddings: the sum of each position's token embeddings."""
+    E = lm.model.embed_tokens(words.clamp(min=0))  # (B, T, width, D)
+    return (E * (words >= 0).unsqueeze(-1)).sum(2)
+
+
+def lm_loss(model, batch):
+    logits = model(inputs_embeds=soft_embed(model, batch["words"]))  # (B, T, V); no padding, so no attention mask
+    n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    return shifted_cross_entropy(logits, batch["labels"]) * n, n, batch["labels"].numel()
+
+
+@torch.no_grad()
+def reading_accuracy(lm, tok, data_dir, n=200):
+    """Exact match of the stand-in LLM on held-out test questions with the scene given as soft words:
+    what LLaVA could reach with a perfect projector (greedy, full recompute: answers are a few tokens)."""
+    meta = {m["image"]: m["objects"] for m in json.load(open(os.path.join(data_dir, "meta.json")))["images"]}
+    words, end = attribute_words(tok), tok.token_to_id("<|im_end|>")
+    lm.eval()
+    correct = 0
+    samples = data.load_samples(os.path.join(data_dir, "test.json"))[:n]
+    for s in samples:
+        ids = data.build_prompt(s["conversations"][:-1], tok, "chatml")
+        prompt = [p for i in ids for p in (soft_scene(meta[s["image"]], words) if i == IMAGE_TOKEN_INDEX else [[i]])]
+        out = []
+        while len(out) < 8:
+            x = pack([prompt + [[i] for i in out]], len(prompt) + len(out), 12)[0]["words"][None].to(lm.lm_head.weight.device)
+            nxt = lm(inputs_embeds=soft_embed(lm, x))[0, -1].argmax().item()
+            if nxt in (end, tok.eos_id):
+                break
+            out.append(nxt)
+        correct += tok.decode(out).strip() == s["conversations"][-1]["value"]
+    lm.train()
+    return correct / len(samples)
+
+
+def train_llm(data_dir, out_dir, device, **overrides):
+    path = os.path.join(out_dir, "llm")
+    # the tokenizer learns the data set's words (and the chat template's, weighted so they become whole tokens)
+    texts = list(data.iter_texts(os.path.join(data_dir, "instruct.json"))) + list(data.iter_texts(os.path.join(data_dir, "captions.json")))
+    texts += ["system user assistant empty " + data.TEMPLATES["chatml"].system] * 2000
+    tok = train_tokenizer(texts, path, LM["vocab_size"])
+    ids = {name: tok.token_to_id(name) for name in SPECIAL}
+    cfg = LMConfig(**LM, bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|endoftext|>"], ids["<|im_end|>"]])
+    torch.manual_seed(0)
+    model = LanguageModel(cfg).to(device)
+    docs = lm_documents(data_dir, tok)
+    random.Random(0).shuffle(docs)  # captions and conversations mixed in every block
+    block = LM["max_position_embeddings"]  # blocks as long as the context: every position stages 1 and 2 use is trained
+    width = max(len(p) for d in docs for p in d)
+    train_set = pack([d for i, d in enumerate(docs) if i % 50], block, width)
+    eval_set = pack(docs[::50], block, width)  # 2% of the documents held out
+    print(f"llm stand-in: {len(docs)} documents, {len(train_set) * block:,} training positions, "
+          f"vocabulary {tok.vocab_size}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    tcfg = TrainConfig(**{**LM_TRAIN, "out_dir": os.path.join(out_dir, "llm_train"), **overrides})
+    train(model, train_set, stack, lm_loss, tcfg, eval_set=eval_set)
+    print(f"llm stand-in: answers {reading_accuracy(model, tok, data_dir):.1%} of held-out questions given the scene as soft words")
+    model.cpu().save_pretrained(path)
+    write_json(os.path.join(path, "generation_config.json"), {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                                                              "pad_token_id": tok.pad_id})
+    return path
+
+
+def ensure_shapes(data_dir=DATA_DIR, n_images=N_IMAGES):
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        t0 = time.time()
+        counts = data.make_shapes(data_dir, n_images=n_images, size=IMAGE_SIZE)
+        print(f"made the shapes data set in {data_dir} ({time.time() - t0:.1f}s): {counts}")
+    return data_dir
+
+
+def ensure_standins(data_dir=DATA_DIR, out_dir=OUT_DIR, force=False, **overrides):
+    """(vision_dir, llm_dir): the stand-ins, trained first if they are not there yet."""
+    vision, llm = os.path.join(out_dir, "vision"), os.path.join(out_dir, "llm")
+    _, _, device = init_distributed()
+    for path, fn in ((vision, train_vision), (llm, train_llm)):
+        if force or not os.path.exists(os.path.join(path, "model.safetensors")):
+            t0 = time.time()
+            print(f"stage 0: training the {os.path.basename(path)} stand-in -> {path}")
+            fn(data_dir, out_dir, device, **overrides)
+            print(f"stage 0: {os.path.basename(path)} stand-in done in {time.time() - t0:.1f}s")
+    return vision, llm
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="stage 0: pretrain the offline stand-in vision tower and LLM")
+    parser.add_argument("--data-dir", default=DATA_DIR)
+    parser.add_argument("--out-dir", default=OUT_DIR)
+    parser.add_argument("--force", action="store_true", help="retrain even if the stand-ins exist")
+    args = parser.parse_args()
+    ensure_standins(ensure_shapes(args.data_dir), args.out_dir, args.force)

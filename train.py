@@ -1,0 +1,426 @@
+"""
+The one training loop of tinyllava, shared by stage 0 (the offline stand-ins), stage 1 (train_pt.py)
+and stage 2 (train_sft.py). Each stage decides *what* is trained (by setting requires_grad) and hands
+this loop a model, a data set and a loss; the loop does the rest:
+
+  AdamW (weight decay on matrices only) · linear warmup then cosine decay · gradient accumulation ·
+  gradient clipping · bf16 autocast (CUDA by default) · optional torch.compile and gradient checkpointing ·
+  DDP through torchrun (gloo on CPU) · a tqdm bar (loss, lr, tokens/s) · metrics.jsonl · periodic eval loss ·
+  atomic checkpoints and --resume · loss.png at the end.
+
+The loss is normalised by the number of trained tokens in the whole *global* batch (all micro-batches,
+all processes), not averaged per micro-batch: so 1 process x 4 micro-batches, 2 processes x 2, and one
+big batch all compute the same loss and the same gradient (a short answer counts as much as a long one
+per token, whatever batch it landed in).
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import data
+from tinyllava import (IGNORE_INDEX, LanguageModel, TinyLlava, load_weights, parameter_table, read_config, save_safetensors,
+                       state_dict_for_save, write_json)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/out"  # checkpoint.pt, metrics.jsonl and loss.png are written here
+    lr: float = 1e-3  # peak learning rate, reached at the end of warmup
+    epochs: float = 1.0  # passes over the training set (fractions allowed)
+    batch_size: int = 32  # global batch: samples per optimizer step, over all processes and micro-batches
+    micro_batch_size: int = 32  # samples per forward pass in one process; the rest is gradient accumulation
+    warmup: float = 0.03  # fraction of the steps over which the lr ramps up linearly from 0
+    min_lr: float = 0.0  # the cosine decays to this fraction of lr
+    weight_decay: float = 0.0  # AdamW decay, applied to matrices only (not to biases or norm gains)
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    bf16: bool | None = None  # bf16 autocast; None = on CUDA only (on many CPUs bf16 matmuls are slower than fp32)
+    compile: bool = False  # torch.compile the forward pass
+    grad_checkpointing: bool = False  # recompute the LLM's activations in backward: less memory, ~30% more time
+    seed: int = 0  # data order (and the caller's initialisation)
+    eval_every: int = 0  # steps between eval-loss passes; 0 = only at the end
+    save_every: int = 200  # steps between checkpoints (and one at the end)
+    resume: bool = False  # continue from out_dir/checkpoint.pt
+    max_steps: int = 0  # stop after this many steps (the schedule still spans the whole run); 0 = run all
+    progress: bool = True  # show the tqdm bar
+
+
+def add_train_args(parser):
+    """The TrainConfig fields as --kebab-case flags; a stage sets its defaults with parser.set_defaults."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--out-dir", help="where checkpoints, metrics.jsonl, loss.png and the result go")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--epochs", type=float, help="passes over the training set")
+    g.add_argument("--batch-size", type=int, help="global batch size (samples per optimizer step)")
+    g.add_argument("--micro-batch-size", type=int, help="samples per forward pass per process (gradient accumulation)")
+    g.add_argument("--warmup", type=float, help="fraction of steps for linear warmup")
+    g.add_argument("--min-lr", type=float, help="final lr as a fraction of --lr")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices")
+    g.add_argument("--grad-clip", type=float, help="max gradient norm (0 = off)")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on CUDA only)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="gradient checkpointing in the LLM")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--eval-every", type=int, help="steps between eval-loss passes (0 = at the end only)")
+    g.add_argument("--save-every", type=int, help="steps between checkpoints")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, help="continue from OUT_DIR/checkpoint.pt")
+    g.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests); 0 = all")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show a progress bar")
+    parser.set_defaults(**asdict(TrainConfig()))
+
+
+def train_config(args):
+    return TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
+
+
+# -----------------------------------------------------------------------------
+# Processes and devices
+
+
+def init_distributed():
+    """(rank, world_size, device). Under torchrun, joins the process group: NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:  # the usual knob; e.g. 1 on a machine busy with other work
+            # two processes on a small CPU must share its cores, not each claim all of them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return rank, world, device
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# -----------------------------------------------------------------------------
+# Optimizer, schedule, data order
+
+
+def make_optimizer(model, lr, weight_decay, device):
+    """AdamW over the trainable parameters. Decay only matrices (weights of linear layers, embeddings):
+    decaying biases and norm gains towards 0 only hurts, as in nanoGPT and LLaVA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter has requires_grad=True")
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+
+
+def lr_at(step, total, cfg):
+    """Linear warmup from 0 to lr over warmup*total steps, then cosine decay to min_lr*lr (step is 0-based)."""
+    warm = math.ceil(cfg.warmup * total)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return cfg.lr * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def epoch_batches(n, batch_size, epoch, seed):
+    """The global batches of one epoch: a fresh permutation per epoch, a function of (seed, epoch) only,
+    so a resumed run sees exactly the batches the killed one would have. The last partial batch is
+    dropped: every step then has the same size, and the schedule does not depend on the data's tail."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return [perm[k : k + batch_size] for k in range(0, n - batch_size + 1, batch_size)]
+
+
+# -----------------------------------------------------------------------------
+# Losses. A loss function returns (summed loss, trained targets, positions processed) of a batch;
+# the loop divides by the global number of targets.
+
+
+def llava_loss(model, batch):
+    """LLaVA batches from data.collate: next-token loss on the answer tokens (labels != -100)."""
+    _, loss = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"])
+    n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the targets shifted_cross_entropy averaged over
+    n_images = 0 if batch["pixel_values"] is None else batch["pixel_values"].size(0)
+    tokens = batch["attention_mask"].sum() + n_images * (getattr(model, "module", model).vision_tower.num_tokens - 1)
+    return loss * n, n, tokens
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None):
+    """Train the parameters of `model` that require grad on `train_set`; returns the metrics logged.
+
+    model is already on its device; collate_fn turns a list of samples into a batch dict; loss_fn is
+    (model, batch) -> (summed loss, number of targets, number of positions)."""
+    rank, world, device = init_distributed()
+    master = rank == 0
+    raw = model  # the module whose parameters we save; `model` may become a DDP / compiled wrapper
+    for m in raw.modules():
+        if isinstance(m, LanguageModel):
+            m.gradient_checkpointing = cfg.grad_checkpointing
+    if cfg.compile:
+        raw.compile()  # in place: parameter names stay the same (no "_orig_mod." prefix)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by {world} processes")
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training samples are fewer than one batch of {cfg.batch_size}")
+    total = max(1, round(cfg.epochs * steps_per_epoch))
+    trainable = {n: p for n, p in raw.named_parameters() if p.requires_grad}
+    optimizer = make_optimizer(raw, cfg.lr, cfg.weight_decay, device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_file, log_file = os.path.join(cfg.out_dir, "checkpoint.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
+    run_id = dict(total=total, batch_size=cfg.batch_size, seed=cfg.seed, n=len(train_set), params=sorted(trainable))
+
+    start, log = 0, []
+    if cfg.resume and os.path.exists(ckpt_file):
+        ckpt = torch.load(ckpt_file, map_location=device, weights_only=False)
+        if ckpt["run"] != run_id:
+            raise ValueError(f"{ckpt_file} belongs to a different run (steps, batch, seed, data size or trained parameters differ)")
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(ckpt["model"][n])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if torch.cuda.is_available() and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        start = ckpt["step"]
+        with open(log_file) as f:  # lines after the checkpoint were logged by the killed run: redo them
+            log = [r for r in map(json.loads, f) if r["step"] <= start]
+        if master:
+            print(f"resumed {ckpt_file} at step {start}/{total}")
+    elif cfg.resume and master:
+        print(f"--resume: no {ckpt_file} yet, starting from scratch")
+    if master:
+        write_jsonl(log_file, log)
+
+    def save_checkpoint(step):
+        if master:
+            rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+            state = dict(step=step, run=run_id, model={n: p.detach() for n, p in trainable.items()},
+                         optimizer=optimizer.state_dict(), rng=rng)
+            torch.save(state, ckpt_file + ".tmp")
+            os.replace(ckpt_file + ".tmp", ckpt_file)  # atomic: a kill mid-write leaves the previous checkpoint
+        if world > 1:
+            dist.barrier()
+
+    def evaluate():
+        """Mean loss per target over eval_set, each process taking every world-th batch."""
+        model.eval()
+        sums = torch.zeros(2, device=device, dtype=torch.float64)
+        with torch.no_grad(), autocast:
+            for k in range(rank * cfg.micro_batch_size, len(eval_set), world * cfg.micro_batch_size):
+                batch = to_device(collate_fn([eval_set[i] for i in range(k, min(k + cfg.micro_batch_size, len(eval_set)))]), device)
+                s, n, _ = loss_fn(raw, batch)
+                sums += torch.stack([s.double(), torch.as_tensor(n, device=device).double()])
+        if world > 1:
+            dist.all_reduce(sums)
+        model.train()
+        return (sums[0] / sums[1].clamp(min=1)).item()
+
+    stop = min(total, cfg.max_steps) if cfg.max_steps else total
+    if master:
+        print(f"training {sum(p.numel() for p in trainable.values()):,} parameters: {total} steps of {cfg.batch_size} samples "
+              f"({steps_per_epoch} steps/epoch), {world} process(es), {'bf16' if bf16 else 'fp32'} on {device.type}")
+    bar = tqdm(range(start, stop), initial=start, total=total, disable=not (master and cfg.progress), dynamic_ncols=True)
+    model.train()
+    t_start = time.time()
+    for step in bar:
+        t0 = time.time()
+        lr = lr_at(step, total, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        epoch, k = divmod(step, steps_per_epoch)
+        mine = epoch_batches(len(train_set), cfg.batch_size, epoch, cfg.seed)[k][rank::world]
+        micro = [mine[i : i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        sums = torch.zeros(3, device=device, dtype=torch.float64)  # summed loss, targets, positions
+        for j, idx in enumerate(micro):
+            batch = to_device(collate_fn([train_set[i] for i in idx]), device)
+            # DDP averages gradients across processes at every backward; skip that until the last micro-batch
+            sync = nullcontext() if world == 1 or j == len(micro) - 1 else model.no_sync()
+            with sync:
+                with autocast:
+                    s, n, tokens = loss_fn(model, batch)
+                s.backward()
+            sums += torch.stack([s.detach().double(), torch.as_tensor(n, device=device).double(), torch.as_tensor(tokens, device=device).double()])
+        if world > 1:
+            dist.all_reduce(sums)
+        loss_sum, n_targets, n_tokens = sums.tolist()
+        loss = loss_sum / max(n_targets, 1)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss} at step {step + 1} (lr {lr:.2e}); nothing was saved for this step")
+        # the gradients hold d(sum of losses)/dw, averaged over processes by DDP: make them d(mean)/dw
+        for p in trainable.values():
+            if p.grad is not None:
+                p.grad.mul_(world / max(n_targets, 1))
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        dt = time.time() - t0
+        row = dict(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 4), loss=loss, lr=lr,
+                   grad_norm=grad_norm.item(), tok_s=round(n_tokens / dt), time=round(time.time() - t_start, 2))
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", tok_s=f"{n_tokens / dt:,.0f}")
+        if eval_set is not None and len(eval_set) and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total):
+            row["eval_loss"] = evaluate()
+            if master:
+                bar.write(f"step {step + 1}: eval loss {row['eval_loss']:.4f}")
+        log.append(row)
+        if master:
+            append_jsonl(log_file, row)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+            save_checkpoint(step + 1)
+    bar.close()
+    if master and log:
+        plot_losses(log, os.path.join(cfg.out_dir, "loss.png"))
+        last = log[-1]
+        print(f"step {last['step']}/{total}: loss {last['loss']:.4f}" + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
+              + f" ({time.time() - t_start:.1f}s)")
+    return log
+
+
+def write_jsonl(file, rows):
+    tmp = file + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, file)
+
+
+def append_jsonl(file, row):
+    with open(file, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def plot_losses(log, file, width=640, height=360):
+    """Draw the training loss (blue) and the eval loss (orange dots) against the step, with pillow."""
+    m = 50  # margin for the axis labels
+    steps, losses = [r["step"] for r in log], [r["loss"] for r in log]
+    evals = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
+    lo, hi = min(losses + [e for _, e in evals]), max(losses + [e for _, e in evals])
+    hi = hi if hi > lo else lo + 1
+    x = lambda s: m + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (width - 2 * m)  # noqa: E731
+    y = lambda v: height - m - (v - lo) / (hi - lo) * (height - 2 * m)  # noqa: E731
+    image = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(image)
+    d.rectangle((m, m, width - m, height - m), outline=(160, 160, 160))
+    if len(steps) > 1:
+        d.line([(x(s), y(v)) for s, v in zip(steps, losses)], fill=(40, 80, 220), width=2)
+    for s, v in evals:
+        d.ellipse((x(s) - 4, y(v) - 4, x(s) + 4, y(v) + 4), fill=(240, 140, 20))
+    d.text((m, 10), f"loss (blue: train, orange: eval) · last {losses[-1]:.4f}", fill="black")
+    d.text((4, m - 6), f"{hi:.3f}", fill="black")
+    d.text((4, height - m - 6), f"{lo:.3f}", fill="black")
+    d.text((m, height - m + 8), f"step {steps[0]}", fill="black")
+    d.text((width - m - 60, height - m + 8), f"step {steps[-1]}", fill="black")
+    image.save(file)
+
+
+def freeze(model, trainable_parts):
+    """requires_grad=True exactly for the named parts of a TinyLlava ("vision", "projector", "llm"),
+    then print the table that shows it."""
+    parts = {"vision": model.vision_tower, "projector": model.multi_modal_projector, "llm": model.language_model}
+    unknown = set(trainable_parts) - parts.keys()
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; parts are {sorted(parts)}")
+    for name, part in parts.items():
+        part.requires_grad_(name in trainable_parts)
+    print(parameter_table(model))
+
+
+# -----------------------------------------------------------------------------
+# What the two LLaVA stages share: the command line, the data sets, the run
+
+
+def stage_parser(doc):
+    """The flags both stages take; each script adds its own sources (--vision/--llm or --pt)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="LLaVA-format JSON/JSONL file (default: the shapes data set, made if missing)")
+    parser.add_argument("--image-folder", help="folder the samples' image paths are relative to (default: the data file's)")
+    parser.add_argument("--max-len", type=int, default=None, help="max positions per sample, image patches included (default: the LLM's context)")
+    parser.add_argument("--eval-frac", type=float, default=0.02, help="fraction of the data held out for the eval loss")
+    add_train_args(parser)
+    return parser
+
+
+def parse_stage_args(parser, argv, recipe, offline_recipe, is_offline):
+    """Parse with the stage's defaults: the published recipe for real weights, the offline one otherwise.
+    Flags given on the command line win over both."""
+    parser.set_defaults(**recipe)
+    args = parser.parse_args(argv)
+    if is_offline(args):
+        parser.set_defaults(**offline_recipe)
+        args = parser.parse_args(argv)
+    return args
+
+
+def image_settings(vision_dir):
+    """How images are prepared for this vision tower: its processor's size, mean and std, LLaVA-1.5's 'pad'."""
+    c = data.load_image_processor_config(vision_dir)
+    return dict(size=c.size, mean=list(c.mean), std=list(c.std), mode="pad")
+
+
+def llava_datasets(model, args, tokenizer):
+    """(train, eval) ConversationDatasets for `model`, with the template and image settings of model.chat.
+    Every round(1 / eval_frac)-th sample is held out for the eval loss."""
+    image = model.chat["image"]
+    context = args.max_len or model.language_model.config.max_position_embeddings
+    # the data path counts the image placeholder as one id; the model turns it into num_tokens positions
+    full = data.ConversationDataset(args.data, tokenizer, model.chat["template"], args.image_folder, image["size"], image["mean"],
+                               image["std"], image["mode"], max_len=context - model.vision_tower.num_tokens + 1)
+    k = round(1 / args.eval_frac) if args.eval_frac > 0 else len(full) + 1
+    held = [i for i in range(len(full)) if i % k == k - 1]
+    kept = [i for i in range(len(full)) if i % k != k - 1]
+    return torch.utils.data.Subset(full, kept), torch.utils.data.Subset(full, held)
+
+
+def run_stage(model, args, tokenizer):
+    """Train a TinyLlava whose trainable parts are already chosen; returns the metrics log."""
+    train_set, eval_set = llava_datasets(model, args, tokenizer)
+    print(f"{args.data}: {len(train_set)} training samples, {len(eval_set)} held out for the eval loss")
+    return train(model, train_set, partial(data.collate, pad_id=tokenizer.pad_id), llava_loss, train_config(args), eval_set)
+
+
+# -----------------------------------------------------------------------------
+# The hand-off from stage 1 to stage 2
+
+PROJECTOR_FILE = "projector.safetensors"
+
+
+def save_projector(model, path):
+    """Stage 1's result: the projector's weights, and a config.json naming the vision tower and LLM it was
+    trained against (a projector means nothing without the two spaces it maps between)."""
+    os.makedirs(path, exist_ok=True)
+    write_json(os.path.join(path, "config.json"), model.config)
+    tensors = {k: v for k, v in state_dict_for_save(model).items() if k.startswith("multi_modal_projector.")}
+    save_safetensors(tensors, os.path.join(path, PROJECTOR_FILE))
+
+
+def load_stage1(path, device=None):
+    """A TinyLlava rebuilt from stage 1's output: the same vision tower and LLM, the trained projector
+    (loaded strictly: every projector weight must be in the file)."""
+    from safetensors.torch import load_file
+
+    d = read_config(path)
+    sources = d.get("tinyllava_sources") or {}
+    if not {"vision", "llm"} <= sources.keys():
+        raise ValueError(f"{path}/config.json does not name the vision and LLM checkpoints (tinyllava_sources): is it train_pt.py's output?")
+    model = TinyLlava.from_parts(sources["vision"], sources["llm"], d["projector_type"], device=device)
+    tensors = load_file(os.path.join(path, PROJECTOR_FILE), device=str(device or "cpu"))
+    load_weights(model.multi_modal_projector, tensors, path, lambda k: k.removeprefix("multi_modal_projector."), device=device)
+    model.chat = dict(d.get("tinyllava_chat") or {})
+    return model
