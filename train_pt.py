@@ -42,7 +42,7 @@ def main(argv=None):
     offline = args.vision is None and args.llm is None
     if offline:
         args.data = args.data or os.path.join(standins.ensure_shapes(), "captions.json")
-        args.vision, args.llm = standins.ensure_standins()
+        args.vision, args.llm = standins.ensure_standins(progress=args.progress)
     elif None in (args.vision, args.llm, args.data):
         parser.error("with real weights, give --vision, --llm and --data")
 
