@@ -13,10 +13,12 @@ exactly the same `from_pretrained` code as real CLIP / Llama weights:
           one). A real CLIP has one more layer after it; we append an untrained one so the checkpoint has
           that shape, and select_layer=-2 skips it again on load, as LLaVA-1.5 skips CLIP's last layer.
   llm:    a Llama-format decoder with its own byte-level BPE tokenizer.json, pretrained as a plain language
-          model on the text of the data set: captions, and the stage-2 chat conversations (chatml) with
-          each image replaced by its caption. So it already knows the chat format and how to answer a
-          question about a scene *described in words*; LLaVA's job is to teach it to read the scene from
-          pixels. The held-out test images are never seen here.
+          model on the text of the data set: each caption, and each stage-2 chat conversation (chatml), with
+          the image written as nine "soft words", one input vector per grid cell: the sum of the embeddings
+          of the words naming that cell and its content ("top left large red circle", "center empty").
+          So it already knows the chat format and how to answer a question about a scene given as word
+          vectors; LLaVA's job is to teach the projector to produce such vectors from pixels. The held-out
+          test images are never seen here.
 
 Run alone: python standins.py [--data-dir data/shapes] [--out-dir runs/standins]
 (train_pt.py runs it when the stand-ins are missing).
