@@ -534,36 +534,7 @@ class TinyLlava(nn.Module):
         if n_img == 0:
             return embeds, attention_mask, labels
         images = self.encode_images(pixel_values).to(embeds.dtype)  # (n_img, N, D)
-        N = images.size(1)
-        left_padded = bool((attention_mask[:, 0] == 0).any())
-        seqs, masks, labs, k = [], [], [], 0
-        for b in range(B):
-            keep = attention_mask[b].bool()  # drop the padding, splice, pad again below
-            ids, e = input_ids[b][keep], embeds[b][keep]
-            lab = labels[b][keep] if labels is not None else None
-            cuts = torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist()
-            parts_e, parts_l, start = [], [], 0
-            for c in cuts + [len(ids)]:
-                parts_e.append(e[start:c])
-                if lab is not None:
-                    parts_l.append(lab[start:c])
-                if c < len(ids):  # a placeholder: insert the next image
-                    parts_e.append(images[k])
-                    parts_l.append(torch.full((N,), IGNORE_INDEX, dtype=torch.long, device=ids.device))
-                    k += 1
-                start = c + 1
-            seqs.append(torch.cat(parts_e))
-            labs.append(torch.cat(parts_l) if lab is not None else None)
-        T2 = max(len(s) for s in seqs)
-        out = embeds.new_zeros(B, T2, embeds.size(-1))
-        out_mask = attention_mask.new_zeros(B, T2)
-        out_labels = torch.full((B, T2), IGNORE_INDEX, dtype=torch.long, device=input_ids.device) if labels is not None else None
-        for b, s in enumerate(seqs):
-            sl = slice(T2 - len(s), T2) if left_padded else slice(0, len(s))
-            out[b, sl], out_mask[b, sl] = s, 1
-            if labels is not None:
-                out_labels[b, sl] = labs[b]
-        return out, out_mask, out_labels
+        return splice_images(input_ids, embeds, images, attention_mask, labels)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
         """-> (logits (B, T', V), loss or None). T' counts the spliced image tokens."""
@@ -653,6 +624,42 @@ class TinyLlava(nn.Module):
             for name in TOKENIZER_FILES:
                 if os.path.exists(os.path.join(self.source_dir, name)):
                     shutil.copy(os.path.join(self.source_dir, name), os.path.join(path, name))
+
+
+def splice_images(input_ids, embeds, images, attention_mask, labels=None):
+    """The -200 splice itself: input_ids (B, T) with one placeholder per image, their token embeddings
+    (B, T, D), images (n_img, N, D) in placeholder order -> (B, T', D) embeddings, (B, T') mask, labels."""
+    B = input_ids.size(0)
+    N = images.size(1)
+    left_padded = bool((attention_mask[:, 0] == 0).any())
+    seqs, labs, k = [], [], 0
+    for b in range(B):
+        keep = attention_mask[b].bool()  # drop the padding, splice, pad again below
+        ids, e = input_ids[b][keep], embeds[b][keep]
+        lab = labels[b][keep] if labels is not None else None
+        cuts = torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist()
+        parts_e, parts_l, start = [], [], 0
+        for c in cuts + [len(ids)]:
+            parts_e.append(e[start:c])
+            if lab is not None:
+                parts_l.append(lab[start:c])
+            if c < len(ids):  # a placeholder: insert the next image
+                parts_e.append(images[k])
+                parts_l.append(torch.full((N,), IGNORE_INDEX, dtype=torch.long, device=ids.device))
+                k += 1
+            start = c + 1
+        seqs.append(torch.cat(parts_e))
+        labs.append(torch.cat(parts_l) if lab is not None else None)
+    T2 = max(len(s) for s in seqs)
+    out = embeds.new_zeros(B, T2, embeds.size(-1))
+    out_mask = attention_mask.new_zeros(B, T2)
+    out_labels = torch.full((B, T2), IGNORE_INDEX, dtype=torch.long, device=input_ids.device) if labels is not None else None
+    for b, s in enumerate(seqs):
+        sl = slice(T2 - len(s), T2) if left_padded else slice(0, len(s))
+        out[b, sl], out_mask[b, sl] = s, 1
+        if labels is not None:
+            out_labels[b, sl] = labs[b]
+    return out, out_mask, out_labels
 
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
