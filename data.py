@@ -610,6 +610,24 @@ def ask(kind, objects, rng):
 QUESTION_KINDS = ("color", "shape", "size", "position", "count", "exists")
 
 
+def random_objects(rng):
+    """1 to 3 objects of random shape, colour and size, each in its own grid cell, in cell order."""
+    cells = sorted(rng.sample(range(9), rng.randint(1, 3)))
+    return [dict(shape=rng.choice(SHAPES), color=rng.choice(COLORS), size=rng.choice(SIZES), cell=c) for c in cells]
+
+
+def random_questions(objects, rng, n_turns=None):
+    """The (question, answer) turns of one stage-2 conversation: n_turns (default 2 to 4), sometimes
+    opening with a caption."""
+    qas = [("Describe the image.", caption(objects))] if rng.random() < 0.2 else []
+    n_turns = n_turns or rng.randint(2, 4)
+    while len(qas) < n_turns:
+        qa = ask(rng.choice(QUESTION_KINDS), objects, rng)
+        if qa:
+            qas.append(qa)
+    return qas
+
+
 def make_shapes(out_dir, n_images=4000, seed=0, size=64, test_frac=0.1):
     """Write images/*.png, captions.json (stage 1), instruct.json (stage 2), test.json (held-out
     images, one short-answer question each) and meta.json (the objects of every image)."""
@@ -618,9 +636,7 @@ def make_shapes(out_dir, n_images=4000, seed=0, size=64, test_frac=0.1):
     n_test = round(n_images * test_frac)
     meta, captions, instruct, test = [], [], [], []
     for i in range(n_images):
-        cells = sorted(rng.sample(range(9), rng.randint(1, 3)))
-        objects = [dict(shape=rng.choice(SHAPES), color=rng.choice(COLORS), size=rng.choice(SIZES),
-                        cell=c) for c in cells]
+        objects = random_objects(rng)
         image = f"images/{i:05d}.png"
         draw_shapes(objects, size, rng).save(os.path.join(out_dir, image))
         split = "test" if i >= n_images - n_test else "train"
@@ -629,19 +645,14 @@ def make_shapes(out_dir, n_images=4000, seed=0, size=64, test_frac=0.1):
             kinds = QUESTION_KINDS[i % len(QUESTION_KINDS):] + QUESTION_KINDS
             kind, (q, a) = next((k, qa) for k in kinds if (qa := ask(k, objects, rng)))
             test.append(dict(id=f"test-{i:05d}", image=image, type=kind,
-                             conversations=_turns([(q, a)], image=True)))
+                             conversations=chat_turns([(q, a)], image=True)))
             continue
         captions.append(dict(id=f"caption-{i:05d}", image=image, conversations=[
             {"from": "human", "value": IMAGE_TAG}, {"from": "gpt", "value": caption(objects)}]))
-        qas = [("Describe the image.", caption(objects))] if rng.random() < 0.2 else []
-        n_turns = rng.randint(2, 4)
-        while len(qas) < n_turns:
-            qa = ask(rng.choice(QUESTION_KINDS), objects, rng)
-            if qa:
-                qas.append(qa)
-        instruct.append(dict(id=f"instruct-{i:05d}", image=image, conversations=_turns(qas, image=True)))
+        qas = random_questions(objects, rng)
+        instruct.append(dict(id=f"instruct-{i:05d}", image=image, conversations=chat_turns(qas, image=True)))
     for i in range(len(instruct) // 9):  # text-only: ~10% of stage 2, so the LLM keeps answering without images
-        instruct.append(dict(id=f"text-{i:05d}", conversations=_turns(rng.sample(TEXT_FACTS, rng.randint(1, 2)))))
+        instruct.append(dict(id=f"text-{i:05d}", conversations=chat_turns(rng.sample(TEXT_FACTS, rng.randint(1, 2)))))
     rng.shuffle(instruct)
     for name, samples in [("captions", captions), ("instruct", instruct), ("test", test)]:
         with open(os.path.join(out_dir, f"{name}.json"), "w") as f:  # one sample per line: greppable
@@ -651,7 +662,8 @@ def make_shapes(out_dir, n_images=4000, seed=0, size=64, test_frac=0.1):
     return dict(captions=len(captions), instruct=len(instruct), test=len(test))
 
 
-def _turns(qas, image=False):
+def chat_turns(qas, image=False):
+    """(question, answer) pairs -> LLaVA conversation turns; the image tag opens the first question."""
     turns = []
     for k, (q, a) in enumerate(qas):
         turns += [{"from": "human", "value": (IMAGE_TAG + "\n" if image and k == 0 else "") + q},

@@ -28,8 +28,9 @@ TEMPLATE = "plain"
 # LLaVA-1.5's stage 1: lr 1e-3, no weight decay, warmup 3%, cosine, 1 epoch, batch 256
 RECIPE = dict(lr=1e-3, weight_decay=0.0, warmup=0.03, epochs=1, batch_size=256, micro_batch_size=32, out_dir="runs/pt")
 # offline: 3,500 captions is ~1/160 of LLaVA's 558k, so we take several epochs with a smaller batch
-# (more steps) and a higher lr; the projector is tiny and the frozen stand-in LLM is robust to it
-OFFLINE = dict(RECIPE, lr=3e-3, epochs=4, batch_size=32, eval_every=100)
+# (more steps) and a higher lr (measured, held-out caption loss after 4 epochs: 0.39 at 3e-3, 0.18 at
+# 1e-2, 0.31 at 3e-2)
+OFFLINE = dict(RECIPE, lr=1e-2, epochs=4, batch_size=32, eval_every=100)
 
 
 def main(argv=None):

@@ -53,7 +53,7 @@ def pipeline(tmp_path_factory):
     data.make_shapes(shapes, n_images=200, size=standins.IMAGE_SIZE)
     cpu = torch.device("cpu")
     vision, _ = standins.train_vision(shapes, root, cpu, epochs=2, batch_size=32, micro_batch_size=32, progress=False)
-    llm = standins.train_llm(shapes, root, cpu, epochs=2, batch_size=4, micro_batch_size=4, progress=False)
+    llm = standins.train_llm(shapes, root, cpu, n_docs=400, progress=False)
     p = dict(root=root, shapes=shapes, vision=vision, llm=llm, pt=os.path.join(root, "pt"), sft=os.path.join(root, "sft"))
     p["pt_model"] = train_pt.main(pt_args(p, p["pt"], "--epochs", "2"))
     p["sft_model"] = train_sft.main(["--pt", p["pt"], "--data", os.path.join(shapes, "instruct.json"), "--template", "chatml",
@@ -206,8 +206,11 @@ def test_soft_words_are_summed_and_never_trained(pipeline):
     assert {tok.decode([i]).strip() for i in scene[0]} == {"top", "left", "large", "red", "circle"}
     assert {tok.decode([i]).strip() for i in scene[4]} == {"center", "empty"}
     text = tok.encode(" hello")
-    block = standins.pack([scene + [[i] for i in text]], 9 + len(text), 12)[0]
-    assert (block["labels"][:9] == IGNORE_INDEX).all() and block["labels"][10:].tolist() == text[1:]
+    batch = standins.pad_documents([scene + [[i] for i in text], [[text[0]]]])
+    assert (batch["labels"][0, :9] == IGNORE_INDEX).all() and batch["labels"][0, 9:].tolist() == text
+    assert batch["attention_mask"][1].tolist() == [1] + [0] * (8 + len(text))  # the short document is padded
+    assert (batch["labels"][1, 1:] == IGNORE_INDEX).all()
+    block = dict(words=batch["words"][0])
     lm = LanguageModel.from_pretrained(pipeline["llm"])
     E = lm.model.embed_tokens.weight
     got = standins.soft_embed(lm, block["words"][None])[0]

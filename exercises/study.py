@@ -1,0 +1,112 @@
+"""
+The studies of the research exercises, run on the offline pipeline: stage 2 variants, each measured the same way.
+
+    python train_pt.py                               # once: stage 0 and stage 1 (runs/pt)
+    python exercises/study.py recipe                 # stage 2 as train_sft.py runs it: the baseline
+    python exercises/study.py skip-stage1            # exercise 9: stage 2 from a fresh projector, stage 1 skipped
+    python exercises/study.py lora --rank 8          # exercise 10: LoRA on the LLM instead of full fine-tuning
+    python exercises/study.py lora --rank 64 --targets q_proj k_proj v_proj o_proj
+
+Each variant trains stage 2 with train_sft.py's offline settings (same data, same seed), then reports the
+held-out exact match per question type, exercise 9's image gap on the held-out questions (the loss with each
+sample's own image, and with another sample's), the trainable parameters and the time per step. A row is
+appended to runs/study/results.jsonl. The exercise functions come from your files, or from solutions/ with
+--solutions. Stage-2 training flags (--epochs, --lr, ...) pass through, e.g. to train a skipped stage 1 longer.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the repository root
+import check  # noqa: E402
+import data  # noqa: E402
+import standins  # noqa: E402
+import train  # noqa: E402
+import train_sft  # noqa: E402
+from tinyllava import TinyLlava, evaluate, parameter_table, read_config  # noqa: E402
+
+OUT = "runs/study"
+
+
+def build(variant, args, device):
+    """The model stage 2 starts from, with its trainable parameters chosen."""
+    if variant == "skip-stage1":
+        # exactly what stage 1 started from (same sources, projector and seed), minus its training
+        pt = read_config(args.pt)
+        torch.manual_seed(args.seed)
+        model = TinyLlava.from_parts(pt["tinyllava_sources"]["vision"], pt["tinyllava_sources"]["llm"], pt["projector_type"], device=device)
+        model.chat = dict(pt["tinyllava_chat"])
+    else:
+        model = train.load_stage1(args.pt, device)
+    model.chat["template"] = train_sft.OFFLINE_TEMPLATE
+    if variant == "lora":
+        train.freeze(model, ("projector",))
+        add_lora = check.load_function(check.EXERCISES[10], args.solutions)
+        add_lora(model.language_model, rank=args.rank, alpha=2 * args.rank, targets=tuple(args.targets))
+        print(parameter_table(model))
+    else:
+        train.freeze(model, train_sft.TRAINABLE)
+    return model
+
+
+@torch.no_grad()
+def merge_lora(lm):
+    """W + scale * B @ A into every LoRA'd Linear, which then replaces its wrapper: a plain checkpoint again."""
+    for layer in lm.model.layers:
+        for name, mod in list(layer.self_attn.named_children()):
+            if hasattr(mod, "lora_A"):
+                mod.base.weight += mod.scale * mod.lora_B @ mod.lora_A
+                setattr(layer.self_attn, name, mod.base)
+
+
+def held_out_gap(model, tokenizer, test_file, image_gap):
+    """Exercise 9's probe on the held-out questions, all of them in one batch."""
+    image = model.chat["image"]
+    ds = data.ConversationDataset(test_file, tokenizer, model.chat["template"], None, image["size"], image["mean"], image["std"], image["mode"])
+    batch = train.to_device(data.collate([ds[i] for i in range(len(ds))], tokenizer.pad_id), next(model.parameters()).device)
+    return image_gap(model, batch)
+
+
+def main(argv=None):
+    parser = train.stage_parser(__doc__)
+    parser.add_argument("variant", choices=["recipe", "skip-stage1", "lora"])
+    parser.add_argument("--pt", default="runs/pt", help="stage 1's output (train_pt.py)")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 * rank)")
+    parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="LoRA'd projections of every attention layer")
+    parser.add_argument("--solutions", action="store_true", help="use the reference functions in exercises/solutions/")
+    args = train.parse_stage_args(parser, argv, train_sft.RECIPE, train_sft.OFFLINE, lambda a: True)
+    name = args.variant + (f"-r{args.rank}-{'+'.join(t.removesuffix('_proj') for t in args.targets)}" if args.variant == "lora" else "")
+    args.data = os.path.join(standins.DATA_DIR, "instruct.json")
+    args.out_dir = os.path.join(OUT, name)
+    test_file = os.path.join(standins.DATA_DIR, "test.json")
+    _, _, device = train.init_distributed()
+
+    model = build(args.variant, args, device)
+    tokenizer = data.load_tokenizer(model.source_dir)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    t0 = time.time()
+    log = train.run_stage(model, args, tokenizer)
+    seconds = time.time() - t0
+    steps = len(log)
+    merge_lora(model.language_model)
+    model.save_pretrained(args.out_dir)
+    accuracy = evaluate(args.out_dir, test_file, device=device)
+    own, shuffled = held_out_gap(model, tokenizer, test_file, check.load_function(check.EXERCISES[9], args.solutions))
+    print(f"image gap on the held-out questions: loss {own:.3f} with their own images, {shuffled:.3f} with another's")
+    row = dict(variant=name, accuracy=accuracy, loss_own_image=own, loss_other_image=shuffled, trainable=trainable,
+               steps=steps, seconds_per_step=seconds / max(1, steps), epochs=args.epochs, lr=args.lr,
+               first_losses=[round(r["loss"], 3) for r in log[:5]], final_loss=log[-1]["loss"], final_eval_loss=log[-1].get("eval_loss"))
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "results.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
