@@ -830,6 +830,17 @@ def check_image_gap(fn, c):
 # 10. LoRA for stage 2
 
 
+@torch.no_grad()
+def merge_lora(lm):
+    """W' = W + scale * B @ A in every LoRA'd attention projection, then the plain Linear goes back in its
+    place: the model is an ordinary checkpoint again (also used by study.py before saving)."""
+    for layer in lm.model.layers:
+        for name, mod in list(layer.self_attn.named_children()):
+            if hasattr(mod, "lora_A"):
+                mod.base.weight += mod.scale * mod.lora_B @ mod.lora_A
+                setattr(layer.self_attn, name, mod.base)
+
+
 @exercise(10, "10_lora", "add_lora", "stage 2 with LoRA on the LLM")
 def check_lora(fn, c):
     model, batch = tiny_model(random_weights=True), toy_batch()  # large random weights stand in for a pretrained LLM
@@ -876,11 +887,7 @@ def check_lora(fn, c):
             expected="lora_B != 0 after training", got="all lora_B still zero")
     with torch.no_grad():
         want = model(**{k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask")})[0]
-        for layer in lm.model.layers:  # merge: W' = W + scale * B @ A, then put the plain Linear back
-            for n in ("q_proj", "v_proj"):
-                mod = getattr(layer.self_attn, n)
-                mod.base.weight += mod.scale * mod.lora_B @ mod.lora_A
-                setattr(layer.self_attn, n, mod.base)
+        merge_lora(lm)
         merged = model(**{k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask")})[0]
     c.close("merging W + scale * B @ A into the base weights gives the same logits (LoRA costs nothing at inference)", merged, want, 1e-5 * want.abs().max().item(),
             hint="forward must compute base(x) + scale * (x @ A^T @ B^T)")

@@ -55,16 +55,6 @@ def build(variant, args, device):
     return model
 
 
-@torch.no_grad()
-def merge_lora(lm):
-    """W + scale * B @ A into every LoRA'd Linear, which then replaces its wrapper: a plain checkpoint again."""
-    for layer in lm.model.layers:
-        for name, mod in list(layer.self_attn.named_children()):
-            if hasattr(mod, "lora_A"):
-                mod.base.weight += mod.scale * mod.lora_B @ mod.lora_A
-                setattr(layer.self_attn, name, mod.base)
-
-
 def held_out_gap(model, tokenizer, test_file, image_gap):
     """Exercise 9's probe on the held-out questions, all of them in one batch."""
     image = model.chat["image"]
@@ -94,7 +84,7 @@ def main(argv=None):
     log = train.run_stage(model, args, tokenizer)
     seconds = time.time() - t0
     steps = len(log)
-    merge_lora(model.language_model)
+    check.merge_lora(model.language_model)  # a plain checkpoint again, for saving and evaluate
     model.save_pretrained(args.out_dir)
     accuracy = evaluate(args.out_dir, test_file, device=device)
     own, shuffled = held_out_gap(model, tokenizer, test_file, check.load_function(check.EXERCISES[9], args.solutions))
