@@ -114,7 +114,7 @@ def to_device(batch, device):
 # Optimizer, schedule, data order
 
 
-def make_optimizer(model, lr, weight_decay, device, beta2=0.999):
+def make_optimizer(model, lr, weight_decay, beta2, device):
     """AdamW over the trainable parameters. Decay only matrices (weights of linear layers, embeddings):
     decaying biases and norm gains towards 0 only hurts, as in nanoGPT and LLaVA."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -184,7 +184,7 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None):
         raise ValueError(f"{len(train_set)} training samples are fewer than one batch of {cfg.batch_size}")
     total = max(1, round(cfg.epochs * steps_per_epoch))
     trainable = {n: p for n, p in raw.named_parameters() if p.requires_grad}
-    optimizer = make_optimizer(raw, cfg.lr, cfg.weight_decay, device, cfg.beta2)
+    optimizer = make_optimizer(raw, cfg.lr, cfg.weight_decay, cfg.beta2, device)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_file, log_file = os.path.join(cfg.out_dir, "checkpoint.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
     run_id = dict(total=total, batch_size=cfg.batch_size, seed=cfg.seed, n=len(train_set), params=sorted(trainable))

@@ -14,7 +14,6 @@ appended to runs/study/results.jsonl. The exercise functions come from your file
 --solutions. Stage-2 training flags (--epochs, --lr, ...) pass through, e.g. to train a skipped stage 1 longer.
 """
 
-import argparse
 import json
 import os
 import sys

@@ -210,8 +210,7 @@ def test_soft_words_are_summed_and_never_trained(pipeline):
     assert (batch["labels"][0, :9] == IGNORE_INDEX).all() and batch["labels"][0, 9:].tolist() == text
     assert batch["attention_mask"][1].tolist() == [1] + [0] * (8 + len(text))  # the short document is padded
     assert (batch["labels"][1, 1:] == IGNORE_INDEX).all()
-    block = dict(words=batch["words"][0])
     lm = LanguageModel.from_pretrained(pipeline["llm"])
     E = lm.model.embed_tokens.weight
-    got = standins.soft_embed(lm, block["words"][None])[0]
+    got = standins.soft_embed(lm, batch["words"][:1])[0]
     assert torch.allclose(got[0], E[scene[0]].sum(0)) and torch.equal(got[9], E[text[0]])
