@@ -25,6 +25,9 @@ MFU = model FLOPs / time / peak FLOP/s. A token costs 2 FLOPs per matmul weight 
 a trained part (forward + backward), plus attention: 4 * layers * width per (query, key) pair visited,
 x3 when trained. The frozen vision tower runs forward only, so it counts 2, not 6. The peak is a large
 GEMM measured in this same run on CPU; on GPU it comes from a table of datasheet figures, or "unknown".
+Decoding one token at a time is bound by memory, not FLOPs: every step streams all of the LLM's weights. So
+the decode rows also get MBU = weight bytes x new tokens / time / read bandwidth, the bandwidth being a
+large tensor read measured in the same run.
 """
 
 import argparse
@@ -168,6 +171,18 @@ def gemm_peak(device, dtype, n, repeats=5):
     """Best FLOP/s of an (n, n) @ (n, n) GEMM in the layout nn.Linear uses (x @ W.T)."""
     a, w = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n**3 / min(timed(lambda: torch.nn.functional.linear(a, w), device) for _ in range(repeats + 1))
+
+
+def read_bandwidth(device, n_bytes, repeats=5):
+    """Best bytes/s of reading a large fp32 tensor once (a sum): the roofline of batch-1 decoding, which
+    streams every weight from memory for each new token."""
+    x = torch.ones(n_bytes // 4, device=device)
+    return n_bytes / min(timed(lambda: x.sum(), device) for _ in range(repeats + 1))
+
+
+def weight_bytes(model):
+    """Bytes of the language model's weights (tied matrices once): what one decode step must read."""
+    return sum(p.numel() * p.element_size() for p in model.language_model.parameters())
 
 
 def gpu_peak(dtype_name):
@@ -317,6 +332,7 @@ def run(args):
             measured[name] = peaks[name] = gemm_peak(dev, dt, n)
         else:
             peaks[name] = gpu_peak(name)
+    bandwidth = read_bandwidth(dev, (16 if quick else 1024) << 20)  # well beyond the caches, except in --quick
     dtypes = args.dtype.split(",") if args.dtype != "auto" else ["fp32", "bf16"]
     notes = []
     if args.dtype == "auto" and dev.type == "cpu" and not quick and measured["bf16"] < measured["fp32"]:
@@ -365,6 +381,9 @@ def run(args):
                 if gen["ours"].shape != gen["ref"].shape:
                     raise RuntimeError(f"decode generated {tuple(gen['ours'].shape)} vs {tuple(gen['ref'].shape)} tokens")
                 row["same_tokens"] = (gen["ours"] == gen["ref"].to(gen["ours"].device)).float().mean().item()
+                # memory-bandwidth utilisation: the weights each forward pass streams (prefill included, so a lower bound)
+                streamed = new_tokens * weight_bytes(ours)
+                row["mbu_ours"], row["mbu_transformers"] = streamed / t_ours / bandwidth, streamed / t_ref / bandwidth
             if kind == "train":
                 ours.eval(), ref.eval()
             results.append(row)
@@ -375,6 +394,7 @@ def run(args):
         device=device_name, torch=torch.__version__, transformers=hf_version, python=platform.python_version(),
         load_average_at_start=load_at_start, model=describe(ours), quick=quick, warmup=warmup, repeats=repeats, parity=parity,
         peak_flops={k: v for k, v in peaks.items()}, peak_source="measured GEMM" if dev.type == "cpu" else "datasheet",
+        read_bandwidth=bandwidth,
         notes=notes, rows=results,
     )
     print(render(report))
@@ -435,6 +455,11 @@ def render(rep):
         f"{'row':<11} {'dtype':<5} {'tinyllava':>12} {'transformers':>13} {'ratio':>6} {'MFU ours':>9} {'MFU hf':>9}",
     ]
     lines += [format_row(r) for r in rep["rows"]]
+    mbu = [r for r in rep["rows"] if "mbu_ours" in r]
+    if mbu:
+        lines += ["", f"decode vs memory bandwidth (a {rep['read_bandwidth'] / 1e9:.1f} GB/s read, measured): the fp32 weights streamed per "
+                  "token / time / bandwidth, prefill included"]
+        lines += [f"{r['row']:<11} {r['dtype']:<5} MBU ours {pct(r['mbu_ours'])}, transformers {pct(r['mbu_transformers'])}" for r in mbu]
     lines += [f"note: {n}" for n in rep["notes"]]
     return "\n".join(lines)
 

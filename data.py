@@ -573,8 +573,10 @@ def caption(objects):
     return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + "."
 
 
-def ask(kind, objects, rng):
-    """One (question, answer) of a kind about the objects, or None if that kind would be ambiguous here."""
+def ask(kind, objects, rng, hard=False):
+    """One (question, answer) of a kind about the objects, or None if that kind would be ambiguous here.
+    hard=True asks "is there a ...?" about absent objects that share a colour or a shape with one that is
+    there, when possible: the questions that only a colour-and-shape match answers."""
     count = lambda **kw: sum(all(o[k] == v for k, v in kw.items()) for o in objects)  # noqa: E731
     unique = lambda *keys: [o for o in objects if count(**{k: o[k] for k in keys}) == 1]  # noqa: E731
     if kind == "color" and unique("shape"):
@@ -602,6 +604,8 @@ def ask(kind, objects, rng):
             o = rng.choice(objects)
             return f"Is there a {o['color']} {o['shape']}?", "yes"
         absent = [(c, s) for c in COLORS for s in SHAPES if not count(color=c, shape=s)]
+        if hard:
+            absent = [(c, s) for c, s in absent if count(color=c) or count(shape=s)] or absent
         c, s = rng.choice(absent)
         return f"Is there a {c} {s}?", "no"
     return None
@@ -616,13 +620,13 @@ def random_objects(rng):
     return [dict(shape=rng.choice(SHAPES), color=rng.choice(COLORS), size=rng.choice(SIZES), cell=c) for c in cells]
 
 
-def random_questions(objects, rng, n_turns=None):
+def random_questions(objects, rng, n_turns=None, hard=False):
     """The (question, answer) turns of one stage-2 conversation: n_turns (default 2 to 4), sometimes
-    opening with a caption."""
+    opening with a caption. hard: see ask()."""
     qas = [("Describe the image.", caption(objects))] if rng.random() < 0.2 else []
     n_turns = n_turns or rng.randint(2, 4)
     while len(qas) < n_turns:
-        qa = ask(rng.choice(QUESTION_KINDS), objects, rng)
+        qa = ask(rng.choice(QUESTION_KINDS), objects, rng, hard)
         if qa:
             qas.append(qa)
     return qas

@@ -413,8 +413,10 @@ class LanguageModel(nn.Module):
         self.gradient_checkpointing = False  # recompute layer activations in backward to save memory
         self.apply(init_weights)
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, last_only=False):
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, last_only=False, hidden=False):
         """input_ids (B, T) or inputs_embeds (B, T, D) -> logits (B, T, V), or (B, 1, V) if last_only.
+        hidden=True returns the final hidden states (B, T, D) instead, for a loss that needs the logits of a
+        few positions only: lm_head is then applied to those alone (standins.lm_loss).
 
         attention_mask (B, S) marks real tokens (1) and padding (0) over everything seen so far,
         cached tokens included. Positions count real tokens only, so a left-padded prompt starts at 0."""
@@ -446,7 +448,8 @@ class LanguageModel(nn.Module):
             cache.pos += T
         if last_only:  # generation needs only the next token's logits: skip the (T, V) matmul over the prompt
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        return x if hidden else self.lm_head(x)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
@@ -963,14 +966,20 @@ def normalize(text):
 
 def evaluate(model_dir, data_file, image_folder=None, batch_size=64, out=None, device=None, template=None, max_new_tokens=32):
     """Answer the last human turn of every sample by greedy generation; print exact-match accuracy,
-    overall and per "type" when the samples have one; write the answers as JSONL. Returns the accuracies."""
+    overall and per "type" when the samples have one; write the answers as JSONL (default: into model_dir).
+    Returns the accuracies."""
+    model, tokenizer, template, image = load_for_inference(model_dir, device, template)
+    out = out or os.path.join(model_dir, "answers.jsonl")
+    return evaluate_model(model, tokenizer, template, image, data_file, out, image_folder, batch_size, max_new_tokens)
+
+
+def evaluate_model(model, tokenizer, template, image, data_file, out, image_folder=None, batch_size=64, max_new_tokens=32):
+    """evaluate() for a model already in memory (template: a data.Template; image: its preprocessing settings)."""
     import data
 
-    model, tokenizer, template, image = load_for_inference(model_dir, device, template)
     stop = stop_ids(model, tokenizer, template)
     folder = image_folder or os.path.dirname(os.path.abspath(data_file))
     samples = data.load_samples(data_file)
-    out = out or os.path.join(model_dir, "answers.jsonl")
     rows = []
     for k in range(0, len(samples), batch_size):
         prompts, pixels = [], []
@@ -1001,7 +1010,7 @@ def evaluate(model_dir, data_file, image_folder=None, batch_size=64, out=None, d
     for t in sorted({r["type"] for r in rows if r["type"] is not None}):
         group = [r["correct"] for r in rows if r["type"] == t]
         accuracy[t] = sum(group) / len(group)
-    print(f"exact match on {len(rows)} questions of {data_file} ({os.path.basename(model_dir.rstrip('/'))}):")
+    print(f"exact match on {len(rows)} questions of {data_file}:")
     for t, a in accuracy.items():
         print(f"  {t:<10} {a:7.1%}  ({sum(r['correct'] for r in rows if t == 'all' or r['type'] == t)}"
               f"/{sum(1 for r in rows if t == 'all' or r['type'] == t)})")

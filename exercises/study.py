@@ -6,12 +6,17 @@ The studies of the research exercises, run on the offline pipeline: stage 2 vari
     python exercises/study.py skip-stage1            # exercise 9: stage 2 from a fresh projector, stage 1 skipped
     python exercises/study.py lora --rank 8          # exercise 10: LoRA on the LLM instead of full fine-tuning
     python exercises/study.py lora --rank 64 --targets q_proj k_proj v_proj o_proj
+    python exercises/study.py patches36              # exercise 8: a vision stand-in with 8-px patches (6x6 grid)
+    python exercises/study.py pool2x2                # exercise 8: the same, your 2x2 pooling before the projector
 
 Each variant trains stage 2 with train_sft.py's offline settings (same data, same seed), then reports the
 held-out exact match per question type, exercise 9's image gap on the held-out questions (the loss with each
 sample's own image, and with another sample's), the trainable parameters and the time per step. A row is
-appended to runs/study/results.jsonl. The exercise functions come from your files, or from solutions/ with
---solutions. Stage-2 training flags (--epochs, --lr, ...) pass through, e.g. to train a skipped stage 1 longer.
+appended to runs/study/results.jsonl. Exercise 8's two variants need their own stage 1, on their own vision
+stand-in (8-px patches: 2x2 per grid cell, trained once into runs/study/vision-p8), so they run it first,
+with train_pt.py's offline settings; pool2x2 turns the 36 patches back into 9 tokens, one per cell.
+The exercise functions come from your files, or from solutions/ with --solutions. Stage-2 training flags
+(--epochs, --lr, ...) pass through, e.g. to train a skipped stage 1 longer.
 """
 
 import json
@@ -27,15 +32,42 @@ import check  # noqa: E402
 import data  # noqa: E402
 import standins  # noqa: E402
 import train  # noqa: E402
+import train_pt  # noqa: E402
 import train_sft  # noqa: E402
-from tinyllava import TinyLlava, evaluate, parameter_table, read_config  # noqa: E402
+from tinyllava import TinyLlava, evaluate_model, parameter_table, read_config  # noqa: E402
 
 OUT = "runs/study"
+POOLING = ("patches36", "pool2x2")  # exercise 8's variants
+
+
+def pooling_stage1(variant, args, device):
+    """Exercise 8: stage 1 on the 8-px vision stand-in, the projector alone behind the student's pooling or not."""
+    vision = os.path.join(OUT, "vision-p8", "vision")
+    if not os.path.exists(os.path.join(vision, "model.safetensors")):
+        standins.train_vision(standins.DATA_DIR, os.path.dirname(vision), device, patch_size=8, progress=args.progress)
+    llm = read_config(args.pt)["tinyllava_sources"]["llm"]  # the same LLM stand-in as the other studies
+    torch.manual_seed(args.seed)
+    model = TinyLlava.from_parts(vision, llm, "mlp2x_gelu", device=device)
+    if variant == "pool2x2":
+        pool = check.load_function(check.EXERCISES[8], args.solutions)
+        model.multi_modal_projector = check.PooledProjector(pool, model.vision_tower.config.hidden_size,
+                                                            model.language_model.config.hidden_size).to(device)
+    model.chat = dict(template=train_pt.TEMPLATE, image=train.image_settings(vision))
+    train.freeze(model, train_pt.TRAINABLE)
+    pt_args = train.parse_stage_args(train.stage_parser(""), [], train_pt.RECIPE, train_pt.OFFLINE, lambda a: True)
+    pt_args.data = os.path.join(standins.DATA_DIR, "captions.json")
+    pt_args.out_dir, pt_args.progress = os.path.join(args.out_dir, "pt"), args.progress
+    t0 = time.time()
+    log = train.run_stage(model, pt_args, data.load_tokenizer(llm))
+    return model, dict(stage1_seconds_per_step=(time.time() - t0) / len(log), stage1_eval_loss=log[-1].get("eval_loss"))
 
 
 def build(variant, args, device):
-    """The model stage 2 starts from, with its trainable parameters chosen."""
-    if variant == "skip-stage1":
+    """The model stage 2 starts from, with its trainable parameters chosen; and what its own stage 1 measured."""
+    stage1 = {}
+    if variant in POOLING:
+        model, stage1 = pooling_stage1(variant, args, device)
+    elif variant == "skip-stage1":
         # exactly what stage 1 started from (same sources, projector and seed), minus its training
         pt = read_config(args.pt)
         torch.manual_seed(args.seed)
@@ -51,7 +83,7 @@ def build(variant, args, device):
         print(parameter_table(model))
     else:
         train.freeze(model, train_sft.TRAINABLE)
-    return model
+    return model, stage1
 
 
 def held_out_gap(model, tokenizer, test_file, image_gap):
@@ -64,7 +96,7 @@ def held_out_gap(model, tokenizer, test_file, image_gap):
 
 def main(argv=None):
     parser = train.stage_parser(__doc__)
-    parser.add_argument("variant", choices=["recipe", "skip-stage1", "lora"])
+    parser.add_argument("variant", choices=["recipe", "skip-stage1", "lora", *POOLING])
     parser.add_argument("--pt", default="runs/pt", help="stage 1's output (train_pt.py)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 * rank)")
     parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="LoRA'd projections of every attention layer")
@@ -76,20 +108,29 @@ def main(argv=None):
     test_file = os.path.join(standins.DATA_DIR, "test.json")
     _, _, device = train.init_distributed()
 
-    model = build(args.variant, args, device)
+    model, stage1 = build(args.variant, args, device)
     tokenizer = data.load_tokenizer(model.source_dir)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     t0 = time.time()
     log = train.run_stage(model, args, tokenizer)
     seconds = time.time() - t0
     steps = len(log)
-    check.merge_lora(model.language_model)  # a plain checkpoint again, for saving and evaluate
-    model.save_pretrained(args.out_dir)
-    accuracy = evaluate(args.out_dir, test_file, device=device)
+    check.merge_lora(model.language_model)  # a plain LLM again
+    if not isinstance(model.multi_modal_projector, check.PooledProjector):  # a pooled projector has no checkpoint format
+        model.save_pretrained(args.out_dir)
+    model.eval()
+    image = model.chat["image"]
+    with torch.no_grad():
+        image_tokens = model.encode_images(torch.zeros(1, 3, image["size"], image["size"], device=device)).shape[1]
+    t0 = time.time()
+    accuracy = evaluate_model(model, tokenizer, data.get_template(model.chat["template"]), image, test_file,
+                              os.path.join(args.out_dir, "answers.jsonl"))
+    eval_seconds = time.time() - t0
     own, shuffled = held_out_gap(model, tokenizer, test_file, check.load_function(check.EXERCISES[9], args.solutions))
     print(f"image gap on the held-out questions: loss {own:.3f} with their own images, {shuffled:.3f} with another's")
     row = dict(variant=name, accuracy=accuracy, loss_own_image=own, loss_other_image=shuffled, trainable=trainable,
-               steps=steps, seconds_per_step=seconds / max(1, steps), epochs=args.epochs, lr=args.lr,
+               image_tokens=image_tokens, steps=steps, seconds_per_step=seconds / max(1, steps), eval_seconds=eval_seconds,
+               **stage1, epochs=args.epochs, lr=args.lr,
                first_losses=[round(r["loss"], 3) for r in log[:5]], final_loss=log[-1]["loss"], final_eval_loss=log[-1].get("eval_loss"))
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "results.jsonl"), "a") as f:

@@ -34,7 +34,9 @@ def test_bench_quick_runs_checks_parity_and_writes_json(tmp_path):
         assert r["flops"] > 0 and r["mfu_ours"] > 0  # CPU: the peak is measured, never unknown
         if r["row"].startswith("decode"):
             assert r["tokens"] == r["batch"] * 8  # --quick asks for 8 new tokens; neither side stopped early
-    assert "decode-b1" in proc.stdout and "ratio" in proc.stdout  # the table is printed too
+            assert r["mbu_ours"] > 0 and math.isclose(r["mbu_ours"] / r["mbu_transformers"], r["ratio"])
+    assert report["read_bandwidth"] > 0
+    assert "decode-b1" in proc.stdout and "ratio" in proc.stdout and "MBU ours" in proc.stdout  # the table is printed too
 
 
 def test_bench_refuses_bad_arguments():

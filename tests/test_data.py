@@ -20,6 +20,7 @@ Hermetic and CPU-only (tokenizers are trained here on a few sentences). Run from
 
 import json
 import os
+import random
 import re
 import string
 
@@ -501,3 +502,18 @@ def test_make_shapes(tmp_path, tok):
         assert ds[0]["input_ids"].numel() > 0
     assert "How many shapes are there?" in set(data.iter_texts(str(tmp_path / "a" / "test.json"))) | \
         set(data.iter_texts(str(tmp_path / "a" / "instruct.json")))
+
+
+def test_hard_questions_ask_about_near_misses():
+    """hard=True (the stand-in LLM's pretraining) asks "is there" about absent objects that share a colour or
+    a shape with one that is there; the answers stay correct. Without it, some ask about neither."""
+    for hard in (True, False):
+        rng, near, noes = random.Random(0), 0, 0
+        for _ in range(300):
+            objects = data.random_objects(rng)
+            for q, a in data.random_questions(objects, rng, n_turns=6, hard=hard):
+                assert q == "Describe the image." or gold(q, objects) == a
+                if a == "no" and (m := re.fullmatch(r"Is there a (\w+) (\w+)\?", q)):
+                    noes += 1
+                    near += any(o["color"] == m[1] or o["shape"] == m[2] for o in objects)
+        assert noes > 50 and (near == noes) == hard

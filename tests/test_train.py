@@ -29,7 +29,7 @@ import standins  # noqa: E402
 import train  # noqa: E402
 import train_pt  # noqa: E402
 import train_sft  # noqa: E402
-from tinyllava import IGNORE_INDEX, TinyLlava, evaluate  # noqa: E402
+from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLlava, evaluate, shifted_cross_entropy  # noqa: E402
 
 torch.set_num_threads(1)  # predictable on a shared 2-core CI machine
 QUIET = ["--no-progress"]
@@ -205,12 +205,20 @@ def test_soft_words_are_summed_and_never_trained(pipeline):
     assert len(scene) == 9
     assert {tok.decode([i]).strip() for i in scene[0]} == {"top", "left", "large", "red", "circle"}
     assert {tok.decode([i]).strip() for i in scene[4]} == {"center", "empty"}
-    text = tok.encode(" hello")
-    batch = standins.pad_documents([scene + [[i] for i in text], [[text[0]]]])
-    assert (batch["labels"][0, :9] == IGNORE_INDEX).all() and batch["labels"][0, 9:].tolist() == text
+    text = tok.encode(" hello")  # several tokens: the first is trained as if it were a prompt, the rest as a reply
+    assert len(text) > 1
+    ids = [IMAGE_TOKEN_INDEX] + text
+    doc = standins.soft_document(ids, [IGNORE_INDEX] * 2 + text[1:], [dict(shape="circle", color="red", size="large", cell=0)], words)
+    assert [w for w, _ in doc] == scene + [[i] for i in text]
+    batch = standins.pad_documents([doc, doc[9:10]])
+    assert (batch["labels"][0, :10] == IGNORE_INDEX).all() and batch["labels"][0, 10:].tolist() == text[1:]
     assert batch["attention_mask"][1].tolist() == [1] + [0] * (8 + len(text))  # the short document is padded
-    assert (batch["labels"][1, 1:] == IGNORE_INDEX).all()
+    assert (batch["labels"][1] == IGNORE_INDEX).all()
     lm = LanguageModel.from_pretrained(pipeline["llm"])
     E = lm.model.embed_tokens.weight
     got = standins.soft_embed(lm, batch["words"][:1])[0]
     assert torch.allclose(got[0], E[scene[0]].sum(0)) and torch.equal(got[9], E[text[0]])
+    # the loss applies lm_head to the trained positions only: it must equal the loss over all the logits
+    loss, n, _ = standins.lm_loss(lm, batch)
+    logits = lm(inputs_embeds=standins.soft_embed(lm, batch["words"]), attention_mask=batch["attention_mask"])
+    assert n == len(text) - 1 and torch.allclose(loss / n, shifted_cross_entropy(logits, batch["labels"]))
