@@ -620,10 +620,10 @@ def random_objects(rng):
     return [dict(shape=rng.choice(SHAPES), color=rng.choice(COLORS), size=rng.choice(SIZES), cell=c) for c in cells]
 
 
-def random_questions(objects, rng, n_turns=None, hard=False):
-    """The (question, answer) turns of one stage-2 conversation: n_turns (default 2 to 4), sometimes
-    opening with a caption. hard: see ask()."""
-    qas = [("Describe the image.", caption(objects))] if rng.random() < 0.2 else []
+def random_questions(objects, rng, n_turns=None, hard=False, describe=0.2):
+    """The (question, answer) turns of one stage-2 conversation: n_turns (default 2 to 4), opening with a
+    caption with probability `describe`. hard: see ask()."""
+    qas = [("Describe the image.", caption(objects))] if rng.random() < describe else []
     n_turns = n_turns or rng.randint(2, 4)
     while len(qas) < n_turns:
         qa = ask(rng.choice(QUESTION_KINDS), objects, rng, hard)

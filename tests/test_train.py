@@ -211,14 +211,16 @@ def test_non_finite_loss_stops_training_naming_the_step(tmp_path):
 
 
 def test_soft_words_are_summed_and_never_trained(pipeline):
-    """The stand-in LLM reads an image as 9 soft words (summed embeddings of the words naming each cell)."""
+    """The stand-in LLM reads an image as 9 soft words (summed embeddings of the words naming each cell,
+    a shape also in its plural)."""
     from tinyllava import LanguageModel
 
     tok = data.load_tokenizer(pipeline["llm"])
     words = standins.attribute_words(tok)
     scene = standins.soft_scene([dict(shape="circle", color="red", size="large", cell=0)], words)
     assert len(scene) == 9
-    assert {tok.decode([i]).strip() for i in scene[0]} == {"top", "left", "large", "red", "circle"}
+    # every form of a word that the text uses and that is one token: " circle", "circle", " circles"
+    assert {tok.decode([i]).strip() for i in scene[0]} == {"top", "left", "large", "red", "circle", "circles"}
     assert {tok.decode([i]).strip() for i in scene[4]} == {"center", "empty"}
     text = tok.encode(" hello")  # several tokens: the first is trained as if it were a prompt, the rest as a reply
     assert len(text) > 1
