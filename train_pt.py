@@ -29,8 +29,9 @@ TEMPLATE = "plain"
 RECIPE = dict(lr=1e-3, weight_decay=0.0, warmup=0.03, epochs=1, batch_size=256, micro_batch_size=32, out_dir="runs/pt")
 # offline: 3,500 captions is ~1/160 of LLaVA's 558k, so we take several epochs with a smaller batch
 # (more steps) and a higher lr (measured, held-out caption loss after 4 epochs: 0.39 at 3e-3, 0.18 at
-# 1e-2, 0.31 at 3e-2)
-OFFLINE = dict(RECIPE, lr=1e-2, epochs=4, batch_size=32, eval_every=100)
+# 1e-2, 0.31 at 3e-2). With the current stand-ins, 6 epochs instead of 4: caption loss 0.035 -> 0.030
+# and, after stage 2, held-out exact match 92.8% -> 93.75% (position answers 80.6% -> 82.1%), for 18 s.
+OFFLINE = dict(RECIPE, lr=1e-2, epochs=6, batch_size=32, eval_every=100)
 
 
 def main(argv=None):
