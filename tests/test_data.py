@@ -517,3 +517,11 @@ def test_hard_questions_ask_about_near_misses():
                     noes += 1
                     near += any(o["color"] == m[1] or o["shape"] == m[2] for o in objects)
         assert noes > 50 and (near == noes) == hard
+
+
+def test_describe_sets_how_often_a_conversation_opens_with_a_caption():
+    rng = random.Random(0)
+    for describe, lo, hi in ((0.0, 0, 0), (0.1, 10, 40), (1.0, 200, 200)):
+        opens = sum(data.random_questions(data.random_objects(rng), rng, n_turns=3, describe=describe)[0][0] == "Describe the image."
+                    for _ in range(200))
+        assert lo <= opens <= hi, (describe, opens)
