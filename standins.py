@@ -203,8 +203,8 @@ def soft_document(ids, labels, objects, words):
 def lm_documents(data_dir, tok, n, seed=0):
     """n pretraining documents, each about a freshly drawn scene (the data set's generator, so unlimited and
     never memorised; a scene equal to a held-out test image is skipped): 10% a caption in stage 1's `plain`
-    template, 80% a chatml conversation as in stage 2, 10% a text-only chat (the data set's general
-    questions). Trained as a chat model is: the targets are the replies (captions, answers and their end
+    template, 80% a chatml conversation as in stage 2 (a tenth of them opening with a caption), 10% a
+    text-only chat (the data set's general questions). Trained as a chat model is: the targets are the replies (captions, answers and their end
     tokens, as tokenize_conversation marks them), the questions are only read. "Is there a ...?" asks about
     near misses (hard=True: a red square when there is a red circle), which a colour-only or shape-only
     match gets wrong; without them the LLM never learnt to match both (see LM_TRAIN). A conversation asks
