@@ -620,14 +620,16 @@ def random_objects(rng):
     return [dict(shape=rng.choice(SHAPES), color=rng.choice(COLORS), size=rng.choice(SIZES), cell=c) for c in cells]
 
 
-def random_questions(objects, rng, n_turns=None, hard=False, describe=0.2):
+def random_questions(objects, rng, n_turns=None, hard=False, describe=0.2, distinct=False):
     """The (question, answer) turns of one stage-2 conversation: n_turns (default 2 to 4), opening with a
-    caption with probability `describe`. hard: see ask()."""
+    caption with probability `describe`. hard: see ask(). distinct: never ask the same question twice in a
+    conversation (a repeated question is answered by copying the earlier answer, not by looking at the
+    image; with 6 turns about 1 to 3 objects, 18% of the questions were repeats)."""
     qas = [("Describe the image.", caption(objects))] if rng.random() < describe else []
     n_turns = n_turns or rng.randint(2, 4)
     while len(qas) < n_turns:
         qa = ask(rng.choice(QUESTION_KINDS), objects, rng, hard)
-        if qa:
+        if qa and not (distinct and any(qa[0] == q for q, _ in qas)):
             qas.append(qa)
     return qas
 

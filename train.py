@@ -134,12 +134,27 @@ def lr_at(step, total, cfg):
     return cfg.lr * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def epoch_batches(n, batch_size, epoch, seed):
+GROUP_BATCHES = 50  # batches per window sorted by length (epoch_batches)
+
+
+def epoch_batches(n, batch_size, epoch, seed, lengths=None):
     """The global batches of one epoch: a fresh permutation per epoch, a function of (seed, epoch) only,
     so a resumed run sees exactly the batches the killed one would have. The last partial batch is
-    dropped: every step then has the same size, and the schedule does not depend on the data's tail."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    return [perm[k : k + batch_size] for k in range(0, n - batch_size + 1, batch_size)]
+    dropped: every step then has the same size, and the schedule does not depend on the data's tail.
+
+    With lengths (one per sample), batches hold samples of similar length, so little of a batch is padding:
+    the permutation is cut into windows of GROUP_BATCHES batches, each window sorted by length and cut into
+    batches, and the batches shuffled (as Hugging Face's group_by_length, which LLaVA's sampler builds on).
+    Which samples share a window is still random, so a batch is a random draw among samples of its length."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()[: n - n % batch_size]
+    if lengths is not None:
+        window = GROUP_BATCHES * batch_size
+        perm = [i for k in range(0, len(perm), window) for i in sorted(perm[k : k + window], key=lambda i: lengths[i])]
+    batches = [perm[k : k + batch_size] for k in range(0, len(perm), batch_size)]
+    if lengths is not None:
+        batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
 
 
 # -----------------------------------------------------------------------------
@@ -160,11 +175,12 @@ def llava_loss(model, batch):
 # The loop
 
 
-def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None):
+def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=None):
     """Train the parameters of `model` that require grad on `train_set`; returns the metrics logged.
 
     model is already on its device; collate_fn turns a list of samples into a batch dict; loss_fn is
-    (model, batch) -> (summed loss, number of targets, number of positions)."""
+    (model, batch) -> (summed loss, number of targets, number of positions); lengths, if given, the
+    length of each training sample: batches are then grouped by length (see epoch_batches)."""
     rank, world, device = init_distributed()
     master = rank == 0
     raw = model  # the module whose parameters we save; `model` may become a DDP / compiled wrapper
@@ -187,13 +203,14 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None):
     optimizer = make_optimizer(raw, cfg.lr, cfg.weight_decay, cfg.beta2, device)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_file, log_file = os.path.join(cfg.out_dir, "checkpoint.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
-    run_id = dict(total=total, batch_size=cfg.batch_size, seed=cfg.seed, n=len(train_set), params=sorted(trainable))
+    run_id = dict(total=total, batch_size=cfg.batch_size, seed=cfg.seed, n=len(train_set), params=sorted(trainable),
+                  grouped=lengths is not None)
 
     start, log = 0, []
     if cfg.resume and os.path.exists(ckpt_file):
         ckpt = torch.load(ckpt_file, map_location=device, weights_only=False)
         if ckpt["run"] != run_id:
-            raise ValueError(f"{ckpt_file} belongs to a different run (steps, batch, seed, data size or trained parameters differ)")
+            raise ValueError(f"{ckpt_file} belongs to a different run (steps, batch, seed, data size, length grouping or trained parameters differ)")
         with torch.no_grad():
             for n, p in trainable.items():
                 p.copy_(ckpt["model"][n])
@@ -241,14 +258,16 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None):
               f"({steps_per_epoch} steps/epoch), {world} process(es), {'bf16' if bf16 else 'fp32'} on {device.type}")
     bar = tqdm(range(start, stop), initial=start, total=total, disable=not (master and cfg.progress), dynamic_ncols=True)
     model.train()
-    t_start = time.time()
+    t_start, batches_epoch = time.time(), None
     for step in bar:
         t0 = time.time()
         lr = lr_at(step, total, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         epoch, k = divmod(step, steps_per_epoch)
-        mine = epoch_batches(len(train_set), cfg.batch_size, epoch, cfg.seed)[k][rank::world]
+        if epoch != batches_epoch:
+            batches, batches_epoch = epoch_batches(len(train_set), cfg.batch_size, epoch, cfg.seed, lengths), epoch
+        mine = batches[k][rank::world]
         micro = [mine[i : i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
         sums = torch.zeros(3, device=device, dtype=torch.float64)  # summed loss, targets, positions
         for j, idx in enumerate(micro):
@@ -355,6 +374,8 @@ def stage_parser(doc):
     parser.add_argument("--image-folder", help="folder the samples' image paths are relative to (default: the data file's)")
     parser.add_argument("--max-len", type=int, default=None, help="max positions per sample, image patches included (default: the LLM's context)")
     parser.add_argument("--eval-frac", type=float, default=0.02, help="fraction of the data held out for the eval loss")
+    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
+                        help="batch samples of similar length together: less padding (LLaVA-1.5 groups by modality and length)")
     add_train_args(parser)
     return parser
 
@@ -394,7 +415,11 @@ def run_stage(model, args, tokenizer):
     """Train a TinyLlava whose trainable parts are already chosen; returns the metrics log."""
     train_set, eval_set = llava_datasets(model, args, tokenizer)
     print(f"{args.data}: {len(train_set)} training samples, {len(eval_set)} held out for the eval loss")
-    return train(model, train_set, partial(data.collate, pad_id=tokenizer.pad_id), llava_loss, train_config(args), eval_set)
+    lengths = None
+    if args.group_by_length:  # positions in the LLM: the image placeholder stands for num_tokens of them
+        samples = [train_set.dataset.samples[i] for i in train_set.indices]
+        lengths = [len(s["input_ids"]) + (model.vision_tower.num_tokens - 1 if s["image"] else 0) for s in samples]
+    return train(model, train_set, partial(data.collate, pad_id=tokenizer.pad_id), llava_loss, train_config(args), eval_set, lengths)
 
 
 # -----------------------------------------------------------------------------

@@ -23,11 +23,15 @@ import train
 from tinyllava import evaluate
 
 TRAINABLE = ("projector", "llm")  # frozen: vision
-# LLaVA-1.5's stage 2: lr 2e-5, no weight decay, warmup 3%, cosine, 1 epoch, batch 128
-RECIPE = dict(lr=2e-5, weight_decay=0.0, warmup=0.03, epochs=1, batch_size=128, micro_batch_size=16, out_dir="runs/sft")
+# LLaVA-1.5's stage 2: lr 2e-5, no weight decay, warmup 3%, cosine, 1 epoch, batch 128, batches grouped by
+# length (its group_by_modality_length: conversations with and without an image differ by hundreds of positions)
+RECIPE = dict(lr=2e-5, weight_decay=0.0, warmup=0.03, epochs=1, batch_size=128, micro_batch_size=16, out_dir="runs/sft",
+              group_by_length=True)
 # offline: 2e-5 suits a large pretrained LLM; our 0.6M-parameter stand-in sees 4k conversations and
 # needs a lr closer to its own pretraining one (1.5e-3) to move at all. Measured, held-out exact match:
-# lr 5e-4 / 1e-3 / 2e-3 gave 91.0 / 90.8 / 90.5% in 2 epochs, and 4 epochs at 1e-3 92.5% (+55 s)
+# lr 5e-4 / 1e-3 / 2e-3 gave 91.0 / 90.8 / 90.5% in 2 epochs, and 4 epochs at 1e-3 92.5% (+55 s). Grouping
+# by length takes the padding of a batch from 32% to 1%: 113 s -> 77 s, and with today's stand-ins 95.0% ->
+# 95.5%. 6 epochs instead of 4 did no better (95.2%: the training loss fell to 0.012, the eval loss did not).
 OFFLINE = dict(RECIPE, lr=1e-3, epochs=4, batch_size=32, micro_batch_size=32, eval_every=100)
 OFFLINE_TEMPLATE = "chatml"  # the stand-in LLM was pretrained on chatml conversations
 

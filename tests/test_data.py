@@ -519,6 +519,19 @@ def test_hard_questions_ask_about_near_misses():
         assert noes > 50 and (near == noes) == hard
 
 
+def test_distinct_questions_are_never_repeated_in_a_conversation():
+    def repeats(distinct):
+        rng = random.Random(0)
+        n = 0
+        for _ in range(300):
+            questions = [q for q, _ in data.random_questions(data.random_objects(rng), rng, n_turns=6, hard=True, distinct=distinct)]
+            assert len(questions) == 6
+            n += len(questions) - len(set(questions))
+        return n
+
+    assert repeats(distinct=False) > 100 and repeats(distinct=True) == 0
+
+
 def test_describe_sets_how_often_a_conversation_opens_with_a_caption():
     rng = random.Random(0)
     for describe, lo, hi in ((0.0, 0, 0), (0.1, 10, 40), (1.0, 200, 200)):

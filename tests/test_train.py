@@ -6,13 +6,15 @@ stage 1's projector (loaded, not re-initialised); the held-out answers beat a gu
 the trained positions of a collated batch decode to exactly the answers; a killed run resumed from its
 last checkpoint ends bit-identical to an uninterrupted one; 2 gloo processes (torchrun) compute the same
 losses as 1 process with the same global batch; batched (left-padded) answers equal one-by-one answers;
-`tinyllava.py chat --prompt` and `eval` work as commands; a non-finite loss stops training, naming the step.
+`tinyllava.py chat --prompt` and `eval` work as commands; a non-finite loss stops training, naming the step;
+batches grouped by length cover the data once, in a resumable order, with little padding.
 
 Run: python -m pytest -q tests/test_train.py
 """
 
 import json
 import os
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -196,6 +198,25 @@ def test_chat_and_eval_commands(pipeline, tmp_path):
     rows = [json.loads(line) for line in open(out)]
     assert len(rows) == 40 and {"id", "type", "answer", "prediction", "correct"} <= rows[0].keys()
     assert f"{sum(r['correct'] for r in rows)}/40" in ev.stdout
+
+
+def test_length_grouped_batches_cover_the_data_once_with_little_padding():
+    rng = random.Random(0)
+    lengths = [rng.choice((20, 40, 130, 150)) + rng.randint(0, 9) for _ in range(803)]
+    plain, grouped = (train.epoch_batches(803, 8, epoch=0, seed=0, lengths=L) for L in (None, lengths))
+    for batches in (plain, grouped):
+        flat = [i for b in batches for i in b]
+        assert len(batches) == 100 and {len(b) for b in batches} == {8} and len(set(flat)) == 800  # the tail of 3 dropped
+    assert grouped == train.epoch_batches(803, 8, epoch=0, seed=0, lengths=lengths)  # a function of (seed, epoch): resumable
+    assert grouped != train.epoch_batches(803, 8, epoch=1, seed=0, lengths=lengths)
+
+    def padding(batches):
+        return 1 - sum(lengths[i] for b in batches for i in b) / sum(8 * max(lengths[i] for i in b) for b in batches)
+
+    assert padding(plain) > 0.3 and padding(grouped) < 0.05
+    # the batches are shuffled, not served shortest first
+    means = [sum(lengths[i] for i in b) / 8 for b in grouped]
+    assert means != sorted(means) and max(means[:10]) > 100
 
 
 def test_non_finite_loss_stops_training_naming_the_step(tmp_path):
