@@ -18,12 +18,16 @@ busy machine slows both sides alike):
   prefill-bB   one image + 64 text tokens -> the logits of every position
   decode-bB    greedy generation of 128 new tokens with a KV cache (prefill included), no early stop
   train-b8     forward + backward + AdamW step, stage-2 freezing (vision frozen; projector and LLM
-               trained), 256 tokens per sample (the image's tokens included)
+               trained), 256 tokens per sample (the image's tokens included), the loss on the text tokens;
+               each side as it trains: ours with return_logits=False, transformers' with .loss
 in fp32 and in bf16 (autocast over fp32 weights, the usual mixed precision).
 
 MFU = model FLOPs / time / peak FLOP/s. A token costs 2 FLOPs per matmul weight in a forward pass and 6 in
 a trained part (forward + backward), plus attention: 4 * layers * width per (query, key) pair visited,
-x3 when trained. The frozen vision tower runs forward only, so it counts 2, not 6. The peak is a large
+x3 when trained. The frozen vision tower runs forward only, so it counts 2, not 6. lm_head counts only
+where its output is needed: every position in prefill, the last one in generation, the positions with a
+trained next token in training (transformers computes the logits of all 256; that work is not credited,
+and tinyllava's skipping it is not counted as done either). The peak is a large
 GEMM measured in this same run on CPU; on GPU it comes from a table of datasheet figures, or "unknown".
 Decoding one token at a time is bound by memory, not FLOPs: every step streams all of the LLM's weights. So
 the decode rows also get MBU = weight bytes x new tokens / time / read bandwidth, the bandwidth being a
@@ -149,8 +153,10 @@ def matmul_weights(module):
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
-def model_flops(model, batch, n_text, new_tokens=0, train=False, all_logits=True):
-    """FLOPs of one prefill (+ new_tokens - 1 cached decode steps), or of a training step's forward+backward."""
+def model_flops(model, batch, n_text, new_tokens=0, train=False, logits=None):
+    """FLOPs of one prefill (+ new_tokens - 1 cached decode steps), or of a training step's forward+backward.
+    logits: the positions of a sample that need lm_head (default all of them): 1 when generating, the
+    trained targets when training."""
     vt, lm = model.vision_tower, model.language_model
     vc, lc = vt.config, lm.config
     Tv = vc.num_patches + vc.has_cls  # tokens that run through the vision tower (CLS included)
@@ -160,7 +166,7 @@ def model_flops(model, batch, n_text, new_tokens=0, train=False, all_logits=True
     body, head = matmul_weights(lm.model), lm.lm_head.weight.numel()
     d_attn, L = lc.num_attention_heads * lc.head_dim, lc.num_hidden_layers
     T = N + n_text
-    text = 2 * body * T + 2 * head * (T if all_logits else 1) + 4 * L * d_attn * T * (T + 1) // 2  # causal
+    text = 2 * body * T + 2 * head * (T if logits is None else logits) + 4 * L * d_attn * T * (T + 1) // 2  # causal
     if train:  # backward costs twice the forward, for the trained parts only
         return batch * (vision + 3 * (projector + text))
     decode = sum(2 * (body + head) + 4 * L * d_attn * (p + 1) for p in range(T, T + new_tokens - 1))
@@ -284,7 +290,7 @@ def train_row(ours, ref, b, amp):
 
     def run_ours():
         with amp():
-            _, loss = ours(b["ids"], b["pixels"], labels=b["labels"])
+            _, loss = ours(b["ids"], b["pixels"], labels=b["labels"], return_logits=False)
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
@@ -367,10 +373,11 @@ def run(args):
                 flops = model_flops(ours, B, n_text)
             elif kind == "decode":
                 fns, tokens = decode_row(ours, ref, b, amp, new_tokens, gen), B * new_tokens
-                flops = model_flops(ours, B, n_text, new_tokens, all_logits=False)
+                flops = model_flops(ours, B, n_text, new_tokens, logits=1)
             else:
                 fns, tokens = train_row(ours, ref, b, amp), B * T
-                flops = model_flops(ours, B, n_text, train=True)
+                targets = int((b["labels"][:, 1:] != tl.IGNORE_INDEX).sum()) // B  # per sample: every text token but the first
+                flops = model_flops(ours, B, n_text, train=True, logits=targets)
             t_ours, t_ref, n = race(*fns, dev, warmup, repeats)
             peak = peaks[dtype_name]
             row = dict(row=name, dtype=dtype_name, batch=B, seq_len=T, tokens=tokens, flops=flops, repeats=n,

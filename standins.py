@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data
-from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LanguageModel, LMConfig, VisionConfig, VisionLayer, VisionTower, init_weights, write_json
+from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LanguageModel, LMConfig, VisionConfig, VisionLayer, VisionTower, init_weights, trained_cross_entropy, write_json
 from train import TrainConfig, init_distributed, train
 
 DATA_DIR, OUT_DIR = "data/shapes", "runs/standins"
@@ -276,13 +276,10 @@ def soft_embed(lm, words):
 
 
 def lm_loss(model, batch):
-    """Summed cross-entropy of the next token, where one is trained: with the loss on the replies only, most
-    positions predict nothing, so lm_head runs on the others alone (the same loss as shifted_cross_entropy)."""
+    """Summed cross-entropy of the next token where one is trained (lm_head runs at those positions only), the
+    number of targets and of positions."""
     h = model(inputs_embeds=soft_embed(model, batch["words"]), attention_mask=batch["attention_mask"], hidden=True)  # (B, T, D)
-    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
-    keep = targets != IGNORE_INDEX
-    logits = model.lm_head(h[:, :-1][keep])  # (n, V)
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum(), batch["labels"].numel()
+    return *trained_cross_entropy(h, batch["labels"], model.lm_head), batch["labels"].numel()
 
 
 @torch.no_grad()

@@ -491,6 +491,19 @@ def shifted_cross_entropy(logits, labels):
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
+def trained_cross_entropy(hidden, labels, lm_head):
+    """shifted_cross_entropy's loss, summed, and its number of targets, from the final hidden states (B, T, D).
+
+    lm_head runs only at the positions whose next token is trained. In LLaVA's data that is the answers: an
+    image's tokens and the prompt predict nothing, and the (B, T, V) logits are the largest tensors of a
+    training step (8 x 256 positions x 49,152 words is 400 MB in fp32, and the loss's backward makes
+    two more of that size). Skipping them changes no value, only the time and memory."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T), as in shifted_cross_entropy
+    keep = targets != IGNORE_INDEX
+    logits = lm_head(hidden[keep])  # (n, V): the trained positions only, in row-major order
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
+
+
 class TinyLlava(nn.Module):
     def __init__(self, vision_tower, language_model, projector="mlp2x_gelu", projector_bias=True):
         super().__init__()
@@ -539,9 +552,16 @@ class TinyLlava(nn.Module):
         images = self.encode_images(pixel_values).to(embeds.dtype)  # (n_img, N, D)
         return splice_images(input_ids, embeds, images, attention_mask, labels)
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
-        """-> (logits (B, T', V), loss or None). T' counts the spliced image tokens."""
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, return_logits=True):
+        """-> (logits (B, T', V), loss or None). T' counts the spliced image tokens.
+
+        return_logits=False (training, with labels): the loss alone, and logits None. The loss is the same,
+        but lm_head then runs only where a token is trained (see trained_cross_entropy)."""
         embeds, mask, labels = self.merge_inputs(input_ids, pixel_values, attention_mask, labels)
+        if labels is not None and not return_logits:
+            hidden = self.language_model(inputs_embeds=embeds, attention_mask=mask, hidden=True)  # (B, T', D)
+            total, n = trained_cross_entropy(hidden, labels, self.language_model.lm_head)
+            return None, total / n.clamp(min=1)
         logits = self.language_model(inputs_embeds=embeds, attention_mask=mask)
         loss = shifted_cross_entropy(logits, labels) if labels is not None else None
         return logits, loss

@@ -164,8 +164,8 @@ def epoch_batches(n, batch_size, epoch, seed, lengths=None):
 
 def llava_loss(model, batch):
     """LLaVA batches from data.collate: next-token loss on the answer tokens (labels != -100)."""
-    _, loss = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"])
-    n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the targets shifted_cross_entropy averaged over
+    _, loss = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"], return_logits=False)
+    n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the targets the loss averaged over
     n_images = 0 if batch["pixel_values"] is None else batch["pixel_values"].size(0)
     tokens = batch["attention_mask"].sum() + n_images * (getattr(model, "module", model).vision_tower.num_tokens - 1)
     return loss * n, n, tokens

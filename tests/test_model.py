@@ -237,6 +237,29 @@ def test_loss_is_shifted_and_never_nan(tmp_path):
     _, loss = model(ids, labels=labels)
     want = torch.nn.functional.cross_entropy(logits[0, 2:3].float(), torch.tensor([4]))  # position 2 predicts token 3's successor
     assert abs(loss.item() - want.item()) <= TOL
+    _, loss = model(ids, labels=torch.full_like(ids, tl.IGNORE_INDEX), return_logits=False)
+    assert loss.item() == 0.0
+
+
+def test_training_loss_without_logits_equals_the_full_loss(tmp_path):
+    """return_logits=False (lm_head at the trained positions only) gives the same loss and gradients as the
+    loss on the full logits, on a padded batch with images."""
+    _, path = llava(tmp_path)
+    model = tl.TinyLlava.from_pretrained(path)
+    ids = torch.tensor([[1, tl.IMAGE_TOKEN_INDEX, 2, 3, 4, 5], [6, tl.IMAGE_TOKEN_INDEX, 7, 8, 0, 0]])
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0, 0]])
+    labels = torch.tensor([[-100, -100, -100, 3, 4, 5], [-100, -100, -100, 8, -100, -100]])
+    pix = torch.randn(2, 3, 32, 32)
+    losses, grads = [], []
+    for return_logits in (True, False):
+        model.zero_grad()
+        logits, loss = model(ids, pix, mask, labels, return_logits=return_logits)
+        assert (logits is None) == (not return_logits)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert abs(losses[0] - losses[1]) <= 1e-6 and losses[0] > 0
+    assert grads[0].shape == grads[1].shape and (grads[0] - grads[1]).abs().max() <= 1e-6
 
 
 def test_image_count_mismatch_raises(tmp_path):
