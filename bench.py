@@ -27,11 +27,12 @@ a trained part (forward + backward), plus attention: 4 * layers * width per (que
 x3 when trained. The frozen vision tower runs forward only, so it counts 2, not 6. lm_head counts only
 where its output is needed: every position in prefill, the last one in generation, the positions with a
 trained next token in training (transformers computes the logits of all 256; that work is not credited,
-and tinyllava's skipping it is not counted as done either). The peak is a large
-GEMM measured in this same run on CPU; on GPU it comes from a table of datasheet figures, or "unknown".
-Decoding one token at a time is bound by memory, not FLOPs: every step streams all of the LLM's weights. So
-the decode rows also get MBU = weight bytes x new tokens / time / read bandwidth, the bandwidth being a
-large tensor read measured in the same run.
+and tinyllava's skipping it is not counted as done either). On CPU the peak is the faster of two large
+GEMMs timed in this run, one before the rows and one after (a shared machine's speed drifts, and a peak
+caught in a slow moment would inflate every MFU); on GPU it comes from a table of datasheet figures, or
+"unknown". Decoding one token at a time is bound by memory, not FLOPs: every step streams all of the LLM's
+weights. So the decode rows also get MBU = weight bytes x new tokens / time / read bandwidth, the
+bandwidth being the faster of two large tensor reads, timed like the GEMMs.
 """
 
 import argparse
@@ -330,21 +331,21 @@ def run(args):
         torch.set_num_threads(args.threads)
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # progress; the table goes to stdout # noqa: E731
 
-    # peaks first: a GEMM on CPU (the same threads the models will use), a datasheet figure on GPU
-    peaks, measured = {}, {}
-    for name, dt in DTYPES.items():
+    def measure_peaks():
+        """A GEMM per dtype on CPU (the same threads the models will use), a datasheet figure on GPU; and a read."""
         if dev.type == "cpu":
-            n = 256 if quick else (2048 if name == "fp32" else 1024)
-            measured[name] = peaks[name] = gemm_peak(dev, dt, n)
+            peaks = {name: gemm_peak(dev, dt, 256 if quick else (2048 if name == "fp32" else 1024)) for name, dt in DTYPES.items()}
         else:
-            peaks[name] = gpu_peak(name)
-    bandwidth = read_bandwidth(dev, (16 if quick else 1024) << 20)  # well beyond the caches, except in --quick
+            peaks = {name: gpu_peak(name) for name in DTYPES}
+        return peaks, read_bandwidth(dev, (16 if quick else 1024) << 20)  # well beyond the caches, except in --quick
+
+    peaks, bandwidth = measure_peaks()
     dtypes = args.dtype.split(",") if args.dtype != "auto" else ["fp32", "bf16"]
     notes = []
-    if args.dtype == "auto" and dev.type == "cpu" and not quick and measured["bf16"] < measured["fp32"]:
+    if args.dtype == "auto" and dev.type == "cpu" and not quick and peaks["bf16"] < peaks["fp32"]:
         dtypes = ["fp32"]
-        notes.append(f"bf16 rows skipped: this CPU's bf16 GEMM ({measured['bf16'] / 1e9:.0f} GFLOP/s) is slower than its fp32 one "
-                     f"({measured['fp32'] / 1e9:.0f} GFLOP/s), no native bf16 units; --dtype bf16 runs them anyway")
+        notes.append(f"bf16 rows skipped: this CPU's bf16 GEMM ({peaks['bf16'] / 1e9:.0f} GFLOP/s) is slower than its fp32 one "
+                     f"({peaks['fp32'] / 1e9:.0f} GFLOP/s), no native bf16 units; --dtype bf16 runs them anyway")
 
     with tempfile.TemporaryDirectory() as tmp:
         say("building the models ...")
@@ -379,22 +380,30 @@ def run(args):
                 targets = int((b["labels"][:, 1:] != tl.IGNORE_INDEX).sum()) // B  # per sample: every text token but the first
                 flops = model_flops(ours, B, n_text, train=True, logits=targets)
             t_ours, t_ref, n = race(*fns, dev, warmup, repeats)
-            peak = peaks[dtype_name]
             row = dict(row=name, dtype=dtype_name, batch=B, seq_len=T, tokens=tokens, flops=flops, repeats=n,
                        ours_s=t_ours, transformers_s=t_ref, ratio=t_ref / t_ours,
-                       ours_tokens_per_s=tokens / t_ours, transformers_tokens_per_s=tokens / t_ref,
-                       mfu_ours=flops / t_ours / peak if peak else None, mfu_transformers=flops / t_ref / peak if peak else None)
+                       ours_tokens_per_s=tokens / t_ours, transformers_tokens_per_s=tokens / t_ref)
             if kind == "decode":
                 if gen["ours"].shape != gen["ref"].shape:
                     raise RuntimeError(f"decode generated {tuple(gen['ours'].shape)} vs {tuple(gen['ref'].shape)} tokens")
                 row["same_tokens"] = (gen["ours"] == gen["ref"].to(gen["ours"].device)).float().mean().item()
                 # memory-bandwidth utilisation: the weights each forward pass streams (prefill included, so a lower bound)
-                streamed = new_tokens * weight_bytes(ours)
-                row["mbu_ours"], row["mbu_transformers"] = streamed / t_ours / bandwidth, streamed / t_ref / bandwidth
+                row["streamed_bytes"] = new_tokens * weight_bytes(ours)
             if kind == "train":
                 ours.eval(), ref.eval()
             results.append(row)
-            say("  " + format_row(row))
+            say(f"  ours {speed(row, 'ours')}, transformers {speed(row, 'transformers')}: ratio {row['ratio']:.2f}")
+
+    if dev.type == "cpu":  # a shared machine's speed drifts: the peak is the best of a measurement before and after the rows
+        again, bandwidth_again = measure_peaks()
+        peaks = {k: max(v, again[k]) for k, v in peaks.items()}
+        bandwidth = max(bandwidth, bandwidth_again)
+    for row in results:
+        peak = peaks[row["dtype"]]
+        for side in ("ours", "transformers"):
+            row[f"mfu_{side}"] = row["flops"] / row[f"{side}_s"] / peak if peak else None
+            if "streamed_bytes" in row:
+                row[f"mbu_{side}"] = row["streamed_bytes"] / row[f"{side}_s"] / bandwidth
 
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{cpu_name()} ({torch.get_num_threads()} CPU threads)"
     report = dict(

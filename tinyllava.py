@@ -496,8 +496,8 @@ def trained_cross_entropy(hidden, labels, lm_head):
 
     lm_head runs only at the positions whose next token is trained. In LLaVA's data that is the answers: an
     image's tokens and the prompt predict nothing, and the (B, T, V) logits are the largest tensors of a
-    training step (8 x 256 positions x 49,152 words is 400 MB in fp32, and the loss's backward makes
-    two more of that size). Skipping them changes no value, only the time and memory."""
+    training step (8 x 256 positions x 49,152 words is 400 MB in fp32, and the loss and its backward make
+    more of that size). Skipping them changes no value, only the time and memory."""
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T), as in shifted_cross_entropy
     keep = targets != IGNORE_INDEX
     logits = lm_head(hidden[keep])  # (n, V): the trained positions only, in row-major order
