@@ -7,6 +7,7 @@ bench.py: tinyllava against transformers' LlavaForConditionalGeneration, on the 
     python bench.py --model DIR              # a LLaVA checkpoint (transformers' layout or ours)
     python bench.py --vision DIR --llm DIR   # a CLIP/SigLIP + a Llama/Qwen2 checkpoint, random projector
     python bench.py --rows decode,train-b8 --dtype fp32
+    python bench.py --device cuda --dtype bf16 --rows train-b64 --compile   # any batch size; torch.compile
 
 The default model is a CLIP-B/16-224-shaped vision tower and a SmolLM2-135M-shaped Llama decoder (GQA,
 tied embeddings) joined by an mlp2x_gelu projector: transformers builds it with random weights, and
@@ -20,7 +21,9 @@ busy machine slows both sides alike):
   train-b8     forward + backward + AdamW step, stage-2 freezing (vision frozen; projector and LLM
                trained), 256 tokens per sample (the image's tokens included), the loss on the text tokens;
                each side as it trains: ours with return_logits=False, transformers' with .loss
-in fp32 and in bf16 (autocast over fp32 weights, the usual mixed precision).
+in fp32 and in bf16 (autocast over fp32 weights, the usual mixed precision). --rows names other batch
+sizes too (train-b64); --compile times the training rows with both sides' vision tower and language model
+under torch.compile (the first call compiles; inference rows stay eager, decoding would recompile per length).
 
 MFU = model FLOPs / time / peak FLOP/s. A token costs 2 FLOPs per matmul weight in a forward pass and 6 in
 a trained part (forward + backward), plus attention: 4 * layers * width per (query, key) pair visited,
@@ -40,6 +43,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -219,11 +223,12 @@ def timed(fn, device):
 
 def race(ours_fn, ref_fn, device, warmup, repeats):
     """Median seconds of each side; the order alternates every round so neither side always goes first.
-    repeats=None: 3, or 2 for calls that take over 5 s (keeps the full CPU bench within minutes)."""
+    repeats=None: by the last warm-up round's time, 10 for calls under 0.5 s (GPU rows, where a few
+    milliseconds of jitter matter), 3, or 2 for calls over 5 s (keeps the full CPU bench within minutes)."""
     for _ in range(warmup):
         t = timed(ours_fn, device) + timed(ref_fn, device)
     if repeats is None:
-        repeats = 3 if t < 10 else 2
+        repeats = 10 if t < 1 else 3 if t < 10 else 2
     ours_t, ref_t = [], []
     for i in range(repeats):
         first, second = (ours_fn, ref_fn) if i % 2 == 0 else (ref_fn, ours_fn)
@@ -282,6 +287,15 @@ def decode_row(ours, ref, b, amp, new_tokens, out):
     return run_ours, run_ref
 
 
+def compile_parts(ours, ref, mode):
+    """torch.compile the vision tower and the language model on both sides, alike (TinyLlava.compile). The
+    glue (the image splice, the loss over the trained positions) stays eager: its shapes depend on the data."""
+    mode = None if mode == "default" else mode
+    ours.compile(mode=mode)
+    ref.model.vision_tower.compile(mode=mode)
+    ref.model.language_model.compile(mode=mode)
+
+
 def train_row(ours, ref, b, amp):
     # stage 2: the vision tower stays frozen, the projector and the language model learn
     ours.train(), ref.train()
@@ -306,13 +320,23 @@ def train_row(ours, ref, b, amp):
     return run_ours, run_ref
 
 
-def plan(args):
-    """(name, kind, batch) for the rows to run; inference rows first, since training changes the weights."""
+KINDS = ("prefill", "decode", "train")  # the order rows run in: inference first, since training changes the weights
+
+
+def plan(rows_arg):
+    """(name, kind, batch) for the rows to run. rows_arg: None (the five default rows), or comma-separated
+    prefixes of them ("decode" = decode-b1 and decode-b8) and rows of any batch size ("train-b64")."""
     rows = [(f"prefill-b{B}", "prefill", B) for B in (1, 8)] + [(f"decode-b{B}", "decode", B) for B in (1, 8)]
     rows += [("train-b8", "train", 8)]
-    if args.rows:
-        wanted = args.rows.split(",")
-        rows = [r for r in rows if any(r[0].startswith(w) for w in wanted)]
+    if rows_arg:
+        picked = set()
+        for w in rows_arg.split(","):
+            m = re.fullmatch(r"(prefill|decode|train)-b([1-9][0-9]*)", w)
+            found = {(w, m[1], int(m[2]))} if m else {r for r in rows if r[0].startswith(w)}
+            if not found:
+                raise SystemExit(f"--rows: no row {w!r}; rows are prefill-bN, decode-bN and train-bN")
+            picked |= found
+        rows = sorted(picked, key=lambda r: (KINDS.index(r[1]), r[2]))
     return rows
 
 
@@ -325,7 +349,8 @@ def run(args):
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work on the machine skews timings
     quick = args.quick
     n_prompt, new_tokens, train_len = (16, 8, 48) if quick else (64, 128, 256)
-    warmup = max(1, args.warmup if args.warmup is not None else 1)
+    # compiling happens in the first call: a second warm-up round then times the compiled code
+    warmup = max(2 if args.compile else 1, args.warmup if args.warmup is not None else 1)
     repeats = args.repeats if args.repeats is not None else (2 if quick else None)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -359,8 +384,8 @@ def run(args):
         print("tinyllava and transformers disagree on the same weights: refusing to time them", file=sys.stderr)
         return 1
 
-    results = []
-    for name, kind, B in plan(args):
+    results, compiled = [], False
+    for name, kind, B in plan(args.rows):
         for dtype_name in dtypes:
             amp = lambda: autocast(dev, dtype_name)  # noqa: E731
             n_text = train_len - ours.vision_tower.num_tokens if kind == "train" else n_prompt
@@ -376,6 +401,9 @@ def run(args):
                 fns, tokens = decode_row(ours, ref, b, amp, new_tokens, gen), B * new_tokens
                 flops = model_flops(ours, B, n_text, new_tokens, logits=1)
             else:
+                if args.compile and not compiled:  # the training rows only: decoding would recompile for every length
+                    compile_parts(ours, ref, args.compile)
+                    compiled = True
                 fns, tokens = train_row(ours, ref, b, amp), B * T
                 targets = int((b["labels"][:, 1:] != tl.IGNORE_INDEX).sum()) // B  # per sample: every text token but the first
                 flops = model_flops(ours, B, n_text, train=True, logits=targets)
@@ -409,6 +437,7 @@ def run(args):
     report = dict(
         device=device_name, torch=torch.__version__, transformers=hf_version, python=platform.python_version(),
         load_average_at_start=load_at_start, model=describe(ours), quick=quick, warmup=warmup, repeats=repeats, parity=parity,
+        compile=args.compile,
         peak_flops={k: v for k, v in peaks.items()}, peak_source="measured GEMM" if dev.type == "cpu" else "datasheet",
         read_bandwidth=bandwidth,
         notes=notes, rows=results,
@@ -465,7 +494,8 @@ def render(rep):
         f"model: {rep['model']}",
         f"parity (fp32): max |logits diff| {p['max_logits_diff']:.1e}, loss diff {p['loss_diff']:.1e}",
         f"peak ({rep['peak_source']}): {peaks}",
-        f"medians of {rep['repeats'] or '3 (2 for calls over 5 s)'} timed runs per side after {rep['warmup']} warm-up; "
+        *([f"training rows: vision towers and decoders under torch.compile (mode {rep['compile']})"] if rep["compile"] else []),
+        f"medians of {rep['repeats'] or '10 (3 for calls over 0.5 s, 2 over 5 s)'} timed runs per side after {rep['warmup']} warm-up; "
         "ratio = transformers time / ours (> 1: tinyllava faster)",
         "",
         f"{'row':<11} {'dtype':<5} {'tinyllava':>12} {'transformers':>13} {'ratio':>6} {'MFU ours':>9} {'MFU hf':>9}",
@@ -490,8 +520,11 @@ def main(argv=None):
     ap.add_argument("--rows", help="comma-separated row names or prefixes, e.g. decode,train-b8 (default: all)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke test, not a measurement")
     ap.add_argument("--warmup", type=int, help="untimed runs per side before timing (default and minimum 1)")
-    ap.add_argument("--repeats", type=int, help="timed runs per side, the median is reported (default 3, 2 for calls over 5 s; --quick 2)")
+    ap.add_argument("--repeats", type=int, help="timed runs per side, the median is reported (default 10, 3 for calls over 0.5 s, 2 over 5 s; --quick 2)")
     ap.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice); 1 is steadier on a shared machine")
+    ap.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                    help="torch.compile both sides' vision tower and decoder for the training rows (MODE: default, "
+                         "reduce-overhead, max-autotune; the first call compiles, so warm-up is at least 2)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     if args.quick and args.model or args.quick and args.vision:

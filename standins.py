@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data
-from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LanguageModel, LMConfig, VisionConfig, VisionLayer, VisionTower, init_weights, trained_cross_entropy, write_json
+from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LanguageModel, LMConfig, VisionConfig, VisionLayer, VisionTower, init_weights, padding_mask, trained_cross_entropy, write_json
 from train import TrainConfig, init_distributed, train
 
 DATA_DIR, OUT_DIR = "data/shapes", "runs/standins"
@@ -278,7 +278,7 @@ def soft_embed(lm, words):
 def lm_loss(model, batch):
     """Summed cross-entropy of the next token where one is trained (lm_head runs at those positions only), the
     number of targets and of positions."""
-    h = model(inputs_embeds=soft_embed(model, batch["words"]), attention_mask=batch["attention_mask"], hidden=True)  # (B, T, D)
+    h = model(inputs_embeds=soft_embed(model, batch["words"]), attention_mask=padding_mask(batch["attention_mask"]), hidden=True)  # (B, T, D)
     return *trained_cross_entropy(h, batch["labels"], model.lm_head), batch["labels"].numel()
 
 

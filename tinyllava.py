@@ -398,6 +398,13 @@ def attention_mask_4d(attention_mask, T, past):
     return (mask | (k_pos == q_pos)[None])[:, None]  # (B, 1, T, S)
 
 
+def padding_mask(attention_mask):
+    """attention_mask, or None when it marks no padding: the language model then takes its causal path
+    (SDPA's is_causal, no (T, S) mask to build). The callers decide this, not LanguageModel.forward: reading
+    the mask's values there would break a compiled graph (TinyLlava.compile) and stall the GPU every call."""
+    return None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+
+
 class LanguageModel(nn.Module):
     """Llama-family causal LM. Keys match LlamaForCausalLM / Qwen2ForCausalLM: `model.*`, `lm_head`."""
 
@@ -419,12 +426,11 @@ class LanguageModel(nn.Module):
         few positions only: lm_head is then applied to those alone (standins.lm_loss).
 
         attention_mask (B, S) marks real tokens (1) and padding (0) over everything seen so far,
-        cached tokens included. Positions count real tokens only, so a left-padded prompt starts at 0."""
+        cached tokens included. Positions count real tokens only, so a left-padded prompt starts at 0.
+        Without padding, pass None (see padding_mask): the same result, faster."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         past = 0 if cache is None else cache.pos
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: take the fast causal path
         if attention_mask is None:
             positions = torch.arange(past, past + T, device=x.device).expand(B, T)
             # a single new token may attend to everything before it; SDPA's is_causal aligns the mask
@@ -558,6 +564,7 @@ class TinyLlava(nn.Module):
         return_logits=False (training, with labels): the loss alone, and logits None. The loss is the same,
         but lm_head then runs only where a token is trained (see trained_cross_entropy)."""
         embeds, mask, labels = self.merge_inputs(input_ids, pixel_values, attention_mask, labels)
+        mask = padding_mask(mask)
         if labels is not None and not return_logits:
             hidden = self.language_model(inputs_embeds=embeds, attention_mask=mask, hidden=True)  # (B, T', D)
             total, n = trained_cross_entropy(hidden, labels, self.language_model.lm_head)
@@ -565,6 +572,13 @@ class TinyLlava(nn.Module):
         logits = self.language_model(inputs_embeds=embeds, attention_mask=mask)
         loss = shifted_cross_entropy(logits, labels) if labels is not None else None
         return logits, loss
+
+    def compile(self, *args, **kwargs):
+        """torch.compile the vision tower and the language model in place (nn.Module.compile's arguments),
+        but not the glue between them: the splice's shapes depend on the data (where the placeholders are,
+        how long each row becomes), so compiled it would only break the graph or recompile per layout."""
+        self.vision_tower.compile(*args, **kwargs)
+        self.language_model.compile(*args, **kwargs)
 
     # --- generation ----------------------------------------------------------
 
@@ -583,8 +597,7 @@ class TinyLlava(nn.Module):
         device_type = embeds.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else embeds.dtype
         cache = KVCache(lm.config, B, T + max_new_tokens, embeds.device, dtype)
-        if bool(mask.all()):
-            mask = None  # no padding: positions and causality follow from the cache alone, no mask to grow per step
+        mask = padding_mask(mask)  # None: positions and causality follow from the cache alone, no mask to grow per step
         logits = lm(inputs_embeds=embeds, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # prefill: (B, V)
         done = torch.zeros(B, dtype=torch.bool, device=embeds.device)
         for i in range(max_new_tokens):
@@ -651,37 +664,35 @@ class TinyLlava(nn.Module):
 
 def splice_images(input_ids, embeds, images, attention_mask, labels=None):
     """The -200 splice itself: input_ids (B, T) with one placeholder per image, their token embeddings
-    (B, T, D), images (n_img, N, D) in placeholder order -> (B, T', D) embeddings, (B, T') mask, labels."""
-    B = input_ids.size(0)
-    N = images.size(1)
-    left_padded = bool((attention_mask[:, 0] == 0).any())
-    seqs, labs, k = [], [], 0
-    for b in range(B):
-        keep = attention_mask[b].bool()  # drop the padding, splice, pad again below
-        ids, e = input_ids[b][keep], embeds[b][keep]
-        lab = labels[b][keep] if labels is not None else None
-        cuts = torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist()
-        parts_e, parts_l, start = [], [], 0
-        for c in cuts + [len(ids)]:
-            parts_e.append(e[start:c])
-            if lab is not None:
-                parts_l.append(lab[start:c])
-            if c < len(ids):  # a placeholder: insert the next image
-                parts_e.append(images[k])
-                parts_l.append(torch.full((N,), IGNORE_INDEX, dtype=torch.long, device=ids.device))
-                k += 1
-            start = c + 1
-        seqs.append(torch.cat(parts_e))
-        labs.append(torch.cat(parts_l) if lab is not None else None)
-    T2 = max(len(s) for s in seqs)
+    (B, T, D), images (n_img, N, D) in placeholder order -> (B, T', D) embeddings, (B, T') mask, labels.
+
+    Every text token takes one position of the spliced row, every placeholder N, padding none: a running
+    sum of these widths says where each token lands. Two scatters then put the text and the images there,
+    for the whole batch at once (a loop over the rows would launch the same small kernels B times)."""
+    B, N = input_ids.size(0), images.size(1)
+    real = attention_mask.bool()
+    is_image = (input_ids == IMAGE_TOKEN_INDEX) & real
+    width = real.long() + (N - 1) * is_image.long()  # (B, T): 1, N, or 0 for padding
+    end = width.cumsum(1)  # (B, T): where each token's span ends in its spliced row
+    length = end[:, -1:]  # (B, 1): the spliced rows' lengths
+    T2 = int(length.max())
+    # padding keeps the input's side: right for training, left for generation (every prompt ends at T2);
+    # left padding shows as a row that starts with padding and ends with a token (a row of padding alone says nothing)
+    left_padded = bool((~real[:, 0] & real[:, -1]).any())
+    shift = T2 - length if left_padded else torch.zeros_like(length)  # (B, 1): where each spliced row starts
+    start = end - width + shift  # (B, T): each token's first position
     out = embeds.new_zeros(B, T2, embeds.size(-1))
-    out_mask = attention_mask.new_zeros(B, T2)
-    out_labels = torch.full((B, T2), IGNORE_INDEX, dtype=torch.long, device=input_ids.device) if labels is not None else None
-    for b, s in enumerate(seqs):
-        sl = slice(T2 - len(s), T2) if left_padded else slice(0, len(s))
-        out[b, sl], out_mask[b, sl] = s, 1
-        if labels is not None:
-            out_labels[b, sl] = labs[b]
+    rows, cols = (real & ~is_image).nonzero(as_tuple=True)  # the text tokens
+    out[rows, start[rows, cols]] = embeds[rows, cols]
+    img_rows, img_cols = is_image.nonzero(as_tuple=True)  # row by row, the order of `images`
+    span = start[img_rows, img_cols, None] + torch.arange(N, device=start.device)  # (n_img, N)
+    out[img_rows[:, None], span] = images
+    p = torch.arange(T2, device=start.device)
+    out_mask = ((p >= shift) & (p < shift + length)).to(attention_mask.dtype)
+    out_labels = None
+    if labels is not None:  # an image predicts nothing: its positions keep -100
+        out_labels = torch.full((B, T2), IGNORE_INDEX, dtype=torch.long, device=input_ids.device)
+        out_labels[rows, start[rows, cols]] = labels[rows, cols]
     return out, out_mask, out_labels
 
 

@@ -46,7 +46,7 @@ class TrainConfig:
     beta2: float = 0.999  # AdamW's second-moment decay (LLaVA's); 0.95 adapts faster, for LMs trained from scratch (nanoGPT)
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     bf16: bool | None = None  # bf16 autocast; None = on CUDA only (on many CPUs bf16 matmuls are slower than fp32)
-    compile: bool = False  # torch.compile the forward pass
+    compile: bool = False  # torch.compile the networks (for a TinyLlava: its vision tower and LLM, see TinyLlava.compile)
     grad_checkpointing: bool = False  # recompute the LLM's activations in backward: less memory, ~30% more time
     seed: int = 0  # data order (and the caller's initialisation)
     eval_every: int = 0  # steps between eval-loss passes; 0 = only at the end

@@ -42,3 +42,16 @@ def test_bench_quick_runs_checks_parity_and_writes_json(tmp_path):
 def test_bench_refuses_bad_arguments():
     proc = subprocess.run([sys.executable, "bench.py", "--dtype", "fp16"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "unknown 'fp16'" in proc.stderr
+
+
+def test_bench_rows_take_prefixes_and_any_batch_size():
+    sys.path.insert(0, ROOT)
+    import bench
+
+    assert [r[0] for r in bench.plan(None)] == ["prefill-b1", "prefill-b8", "decode-b1", "decode-b8", "train-b8"]
+    # inference before training (training changes the weights), smaller batches first
+    assert bench.plan("train-b64,decode,prefill-b8,train-b8") == [
+        ("prefill-b8", "prefill", 8), ("decode-b1", "decode", 1), ("decode-b8", "decode", 8),
+        ("train-b8", "train", 8), ("train-b64", "train", 64)]
+    with pytest.raises(SystemExit, match="no row 'train-b0'"):
+        bench.plan("train-b0")

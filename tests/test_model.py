@@ -226,6 +226,60 @@ def test_batch_with_padding_and_text_only_sample(tmp_path):
     assert (batch[1, :6] - alone_b[0]).abs().max() <= TOL
 
 
+
+def splice_row_by_row(ids, embeds, images, mask, labels, left):
+    """The splice spelled out, one row and one token at a time: the reference splice_images must equal."""
+    rows, k = [], 0
+    for b in range(ids.size(0)):
+        vecs, labs = [], []
+        for t in range(ids.size(1)):
+            if not mask[b, t]:
+                continue  # padding is dropped, then added back on its side
+            if ids[b, t] == tl.IMAGE_TOKEN_INDEX:
+                vecs += list(images[k])
+                labs += [tl.IGNORE_INDEX] * images.size(1)
+                k += 1
+            else:
+                vecs.append(embeds[b, t])
+                labs.append(int(labels[b, t]))
+        rows.append((vecs, labs))
+    T2 = max(len(v) for v, _ in rows)
+    out = torch.zeros(ids.size(0), T2, embeds.size(-1))
+    out_mask = torch.zeros(ids.size(0), T2, dtype=torch.long)
+    out_labels = torch.full((ids.size(0), T2), tl.IGNORE_INDEX)
+    for b, (vecs, labs) in enumerate(rows):
+        at = T2 - len(vecs) if left else 0
+        for i, (v, lab) in enumerate(zip(vecs, labs)):
+            out[b, at + i], out_mask[b, at + i], out_labels[b, at + i] = v, 1, lab
+    return out, out_mask, out_labels
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_splice_equals_a_row_by_row_reference(left):
+    """splice_images places every row's text and images at once; on random padded batches (rows without an
+    image, rows with several, rows of padding only) it must equal the plain loop, and pass gradients back."""
+    g = torch.Generator().manual_seed(int(left))
+    for _ in range(40):
+        B, T, N, D = [int(torch.randint(lo, hi, (), generator=g)) for lo, hi in ((1, 5), (1, 10), (1, 4), (2, 4))]
+        lengths = torch.randint(0, T + 1, (B,), generator=g)
+        lengths[0] = T
+        pos = torch.arange(T)
+        mask = (pos >= T - lengths[:, None]) if left else (pos < lengths[:, None])
+        ids = torch.randint(0, 50, (B, T), generator=g)
+        ids[(torch.rand(B, T, generator=g) < 0.25) & mask] = tl.IMAGE_TOKEN_INDEX
+        embeds = torch.randn(B, T, D, generator=g, requires_grad=True)
+        images = torch.randn(int((ids == tl.IMAGE_TOKEN_INDEX).sum()), N, D, generator=g, requires_grad=True)
+        labels = torch.randint(0, 50, (B, T), generator=g)
+        got = tl.splice_images(ids, embeds, images, mask.long(), labels)
+        # left padding is seen only in a row that has both padding and tokens; without one, rows pad on the right
+        want = splice_row_by_row(ids, embeds, images, mask, labels, left and bool(((lengths > 0) & (lengths < T)).any()))
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and torch.equal(a, b)
+        w = torch.randn(got[0].shape, generator=g)
+        for a, b in zip(torch.autograd.grad((got[0] * w).sum(), (embeds, images)),
+                        torch.autograd.grad((want[0] * w).sum(), (embeds, images), allow_unused=True)):
+            assert torch.equal(a, torch.zeros_like(a) if b is None else b)
+
 def test_loss_is_shifted_and_never_nan(tmp_path):
     _, path = llava(tmp_path)
     model = tl.TinyLlava.from_pretrained(path)
