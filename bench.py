@@ -8,6 +8,7 @@ bench.py: tinyllava against transformers' LlavaForConditionalGeneration, on the 
     python bench.py --vision DIR --llm DIR   # a CLIP/SigLIP + a Llama/Qwen2 checkpoint, random projector
     python bench.py --rows decode,train-b8 --dtype fp32
     python bench.py --device cuda --dtype bf16 --rows train-b64 --compile   # any batch size; torch.compile
+    python bench.py --device cuda --rows train --profile   # + where tinyllava's time goes: kernels, GPU busy
 
 The default model is a CLIP-B/16-224-shaped vision tower and a SmolLM2-135M-shaped Llama decoder (GQA,
 tied embeddings) joined by an mlp2x_gelu projector: transformers builds it with random weights, and
@@ -238,6 +239,30 @@ def race(ours_fn, ref_fn, device, warmup, repeats):
     return statistics.median(ours_t), statistics.median(ref_t), repeats
 
 
+def profile(fn, device, calls=3):
+    """Where one call's time goes: torch.profiler over a few calls -> (figures per call, table of the top ops).
+    On a GPU the telling pair is kernels per call and their busy time against the call's timed time: a step
+    whose kernels keep the GPU busy a fifth of the time waits for Python to launch them, not for the GPU."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    sync(device)
+    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    events = prof.key_averages()
+    if cuda:
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # kernels and copies
+        figures = dict(kernels=sum(e.count for e in kernels) / calls,
+                       gpu_busy_s=sum(e.self_device_time_total for e in kernels) / calls / 1e6)
+    else:
+        figures = dict(ops=sum(e.count for e in events if e.key.startswith("aten::")) / calls)  # nested ones included
+    table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=15, max_name_column_width=55)
+    return figures, table
+
+
 def autocast(device, dtype_name):
     if dtype_name == "fp32":
         return contextlib.nullcontext()
@@ -349,8 +374,10 @@ def run(args):
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work on the machine skews timings
     quick = args.quick
     n_prompt, new_tokens, train_len = (16, 8, 48) if quick else (64, 128, 256)
-    # compiling happens in the first call: a second warm-up round then times the compiled code
-    warmup = max(2 if args.compile else 1, args.warmup if args.warmup is not None else 1)
+    # GPU calls take milliseconds and their first ones pay for kernel selection: warm up more there.
+    # Compiling happens in the first call: a second warm-up round then times the compiled code.
+    warmup = args.warmup if args.warmup is not None else (3 if dev.type == "cuda" else 1)
+    warmup = max(2 if args.compile else 1, warmup)
     repeats = args.repeats if args.repeats is not None else (2 if quick else None)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -408,6 +435,9 @@ def run(args):
                 targets = int((b["labels"][:, 1:] != tl.IGNORE_INDEX).sum()) // B  # per sample: every text token but the first
                 flops = model_flops(ours, B, n_text, train=True, logits=targets)
             t_ours, t_ref, n = race(*fns, dev, warmup, repeats)
+            if args.profile:
+                figures, table = profile(fns[0], dev)
+                print(f"\ntinyllava, {name} {dtype_name}: {describe_profile(figures, t_ours)}\n{table}")
             row = dict(row=name, dtype=dtype_name, batch=B, seq_len=T, tokens=tokens, flops=flops, repeats=n,
                        ours_s=t_ours, transformers_s=t_ref, ratio=t_ref / t_ours,
                        ours_tokens_per_s=tokens / t_ours, transformers_tokens_per_s=tokens / t_ref)
@@ -419,6 +449,8 @@ def run(args):
                 row["streamed_bytes"] = new_tokens * weight_bytes(ours)
             if kind == "train":
                 ours.eval(), ref.eval()
+            if args.profile:
+                row["profile_ours"] = figures
             results.append(row)
             say(f"  ours {speed(row, 'ours')}, transformers {speed(row, 'transformers')}: ratio {row['ratio']:.2f}")
 
@@ -477,6 +509,14 @@ def speed(row, side):
     return f"{t * 1e3:.0f} ms" if t < 10 else f"{t:.1f} s"
 
 
+def describe_profile(f, seconds):
+    """The profile's figures per call, against the call's timed (unprofiled) seconds."""
+    if "kernels" in f:
+        return (f"{f['kernels']:,.0f} kernels, {f['gpu_busy_s'] * 1e3:.1f} ms of GPU work per call timed at {seconds * 1e3:.1f} ms "
+                f"(the GPU busy {100 * f['gpu_busy_s'] / seconds:.0f}% of it)")
+    return f"{f['ops']:,.0f} aten ops per call (nested ones included), timed at {seconds * 1e3:.1f} ms: {seconds / f['ops'] * 1e6:.1f} µs an op"
+
+
 def pct(x):
     return "unknown" if x is None else f"{100 * x:.1f}%"
 
@@ -519,12 +559,14 @@ def main(argv=None):
     ap.add_argument("--dtype", default="auto", help="fp32, bf16 or fp32,bf16; auto = both, but bf16 only where it is fast")
     ap.add_argument("--rows", help="comma-separated row names or prefixes, e.g. decode,train-b8 (default: all)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke test, not a measurement")
-    ap.add_argument("--warmup", type=int, help="untimed runs per side before timing (default and minimum 1)")
+    ap.add_argument("--warmup", type=int, help="untimed runs per side before timing (default 1 on CPU, 3 on GPU; at least 1)")
     ap.add_argument("--repeats", type=int, help="timed runs per side, the median is reported (default 10, 3 for calls over 0.5 s, 2 over 5 s; --quick 2)")
     ap.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice); 1 is steadier on a shared machine")
     ap.add_argument("--compile", nargs="?", const="default", metavar="MODE",
                     help="torch.compile both sides' vision tower and decoder for the training rows (MODE: default, "
                          "reduce-overhead, max-autotune; the first call compiles, so warm-up is at least 2)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing each row, profile tinyllava's call: kernels (ops on CPU), GPU busy time, top ops")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     if args.quick and args.model or args.quick and args.vision:

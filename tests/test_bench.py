@@ -1,5 +1,6 @@
 """Smoke test of bench.py: `--quick` builds both implementations on the same tiny random weights, passes
-the parity check, times every row in fp32 and bf16, and writes a JSON report with every figure filled in.
+the parity check, times (and profiles) every row in fp32 and bf16, and writes a JSON report with every
+figure filled in.
 It proves the script runs end to end; it measures nothing (timings on toy shapes mean nothing).
 
 Run: python -m pytest -q tests/test_bench.py
@@ -21,7 +22,7 @@ def test_bench_quick_runs_checks_parity_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     # one thread: toy-sized ops gain nothing from more, and stay fast on a machine that is busy
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--repeats", "1", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--repeats", "1", "--profile", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -32,11 +33,13 @@ def test_bench_quick_runs_checks_parity_and_writes_json(tmp_path):
     for r in report["rows"]:
         assert r["ours_s"] > 0 and r["transformers_s"] > 0 and math.isclose(r["ratio"], r["transformers_s"] / r["ours_s"])
         assert r["flops"] > 0 and r["mfu_ours"] > 0  # CPU: the peak is measured, never unknown
+        assert r["profile_ours"]["ops"] > 10  # --profile: the aten ops one call dispatches
         if r["row"].startswith("decode"):
             assert r["tokens"] == r["batch"] * 8  # --quick asks for 8 new tokens; neither side stopped early
             assert r["mbu_ours"] > 0 and math.isclose(r["mbu_ours"] / r["mbu_transformers"], r["ratio"])
     assert report["read_bandwidth"] > 0
     assert "decode-b1" in proc.stdout and "ratio" in proc.stdout and "MBU ours" in proc.stdout  # the table is printed too
+    assert "tinyllava, train-b8 bf16:" in proc.stdout and "aten::mm" in proc.stdout  # and the profiles' tables
 
 
 def test_bench_refuses_bad_arguments():
