@@ -37,11 +37,18 @@ caught in a slow moment would inflate every MFU); on GPU it comes from a table o
 "unknown". Decoding one token at a time is bound by memory, not FLOPs: every step streams all of the LLM's
 weights. So the decode rows also get MBU = weight bytes x new tokens / time / read bandwidth, the
 bandwidth being the faster of two large tensor reads, timed like the GEMMs.
+
+A square GEMM's peak is more than a model of width 576 can reach: its products are thin. So the prefill
+and training rows also report "GEMMs alone", the time that the call's own matrix products take when each
+is timed by itself at its shape (matmul_products, matmul_floor), over tinyllava's time: how much of the call is inherent
+matrix work; the rest is what the code around the products costs.
 """
 
 import argparse
+import collections
 import contextlib
 import json
+import math
 import os
 import platform
 import re
@@ -52,6 +59,7 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import tinyllava as tl
 
@@ -182,7 +190,48 @@ def model_flops(model, batch, n_text, new_tokens=0, train=False, logits=None):
 def gemm_peak(device, dtype, n, repeats=5):
     """Best FLOP/s of an (n, n) @ (n, n) GEMM in the layout nn.Linear uses (x @ W.T)."""
     a, w = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / min(timed(lambda: torch.nn.functional.linear(a, w), device) for _ in range(repeats + 1))
+    return 2 * n**3 / min(timed(lambda: F.linear(a, w), device) for _ in range(repeats + 1))
+
+
+def matmul_products(model, fn):
+    """{(kind, rows, in, out): count} of the matrix products one call of fn makes in model's nn.Linear and
+    nn.Conv2d layers: a hook records each forward product x @ W.T and the backward ones it will cost, the
+    input's gradient dY @ W if the input needs one and the weight's dY.T @ X if the weight is trained."""
+    products = collections.Counter()
+
+    def record(m, inputs, out):
+        if isinstance(m, nn.Conv2d):  # the patch embedding: one row per patch, a patch's pixels in
+            rows, k, n = out.numel() // m.out_channels, m.in_channels * math.prod(m.kernel_size), m.out_channels
+        else:
+            rows, k, n = inputs[0].numel() // m.in_features, m.in_features, m.out_features
+        products["x @ W.T", rows, k, n] += 1
+        if torch.is_grad_enabled() and inputs[0].requires_grad:
+            products["dY @ W", rows, k, n] += 1
+        if torch.is_grad_enabled() and m.weight.requires_grad:
+            products["dY.T @ X", rows, k, n] += 1
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return products
+
+
+def matmul_floor(products, device, dtype, repeats=3):
+    """Seconds that these matrix products take alone, each timed at its own shape and in the layout autograd
+    uses: a floor under the call's time, however well the rest of it is written (at widths like 576 a GEMM
+    runs far below the square GEMM's peak, so this is the honest yardstick for "close to the hardware
+    limit"). Attention's own products are not among them."""
+    total = 0.0
+    for (kind, rows, k, n), count in products.items():
+        x, w, dy = (torch.randn(*shape, device=device, dtype=dtype) for shape in ((rows, k), (n, k), (rows, n)))
+        product = {"x @ W.T": lambda: F.linear(x, w), "dY @ W": lambda: dy @ w, "dY.T @ X": lambda: dy.t() @ x}[kind]
+        # small products take microseconds: time loops of ~2 ms, so that the syncs around them do not count
+        loop = max(1, min(100, int(2e-3 / timed(product, device))))  # this first call also warms up
+        total += count * min(timed(lambda: [product() for _ in range(loop)], device) for _ in range(repeats)) / loop
+    return total
 
 
 def read_bandwidth(device, n_bytes, repeats=5):
@@ -447,6 +496,8 @@ def run(args):
                 row["same_tokens"] = (gen["ours"] == gen["ref"].to(gen["ours"].device)).float().mean().item()
                 # memory-bandwidth utilisation: the weights each forward pass streams (prefill included, so a lower bound)
                 row["streamed_bytes"] = new_tokens * weight_bytes(ours)
+            if kind != "decode":  # decoding is bound by memory, not by its matrix products: its yardstick is MBU
+                row["matmul_floor_s"] = matmul_floor(matmul_products(ours, fns[0]), dev, DTYPES[dtype_name])
             if kind == "train":
                 ours.eval(), ref.eval()
             if args.profile:
@@ -522,8 +573,9 @@ def pct(x):
 
 
 def format_row(r):
+    floor = pct(r["matmul_floor_s"] / r["ours_s"]) if "matmul_floor_s" in r else "-"
     return (f"{r['row']:<11} {r['dtype']:<5} {speed(r, 'ours'):>12} {speed(r, 'transformers'):>13} {r['ratio']:>6.2f}"
-            f" {pct(r['mfu_ours']):>9} {pct(r['mfu_transformers']):>9}")
+            f" {pct(r['mfu_ours']):>9} {pct(r['mfu_transformers']):>9} {floor:>11}")
 
 
 def render(rep):
@@ -537,8 +589,9 @@ def render(rep):
         *([f"training rows: vision towers and decoders under torch.compile (mode {rep['compile']})"] if rep["compile"] else []),
         f"medians of {rep['repeats'] or '10 (3 for calls over 0.5 s, 2 over 5 s)'} timed runs per side after {rep['warmup']} warm-up; "
         "ratio = transformers time / ours (> 1: tinyllava faster)",
+        "GEMMs alone: the time of the call's matrix products, each timed alone at its shape, over tinyllava's time",
         "",
-        f"{'row':<11} {'dtype':<5} {'tinyllava':>12} {'transformers':>13} {'ratio':>6} {'MFU ours':>9} {'MFU hf':>9}",
+        f"{'row':<11} {'dtype':<5} {'tinyllava':>12} {'transformers':>13} {'ratio':>6} {'MFU ours':>9} {'MFU hf':>9} {'GEMMs alone':>11}",
     ]
     lines += [format_row(r) for r in rep["rows"]]
     mbu = [r for r in rep["rows"] if "mbu_ours" in r]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +35,9 @@ def test_bench_quick_runs_checks_parity_and_writes_json(tmp_path):
         assert r["ours_s"] > 0 and r["transformers_s"] > 0 and math.isclose(r["ratio"], r["transformers_s"] / r["ours_s"])
         assert r["flops"] > 0 and r["mfu_ours"] > 0  # CPU: the peak is measured, never unknown
         assert r["profile_ours"]["ops"] > 10  # --profile: the aten ops one call dispatches
+        # the matrix products alone: measured for prefill and training, a part of the call's time (with slack for noise)
+        assert ("matmul_floor_s" in r) == (not r["row"].startswith("decode"))
+        assert r.get("matmul_floor_s", 1) > 0 and r.get("matmul_floor_s", 0) < 2 * r["ours_s"]
         if r["row"].startswith("decode"):
             assert r["tokens"] == r["batch"] * 8  # --quick asks for 8 new tokens; neither side stopped early
             assert r["mbu_ours"] > 0 and math.isclose(r["mbu_ours"] / r["mbu_transformers"], r["ratio"])
@@ -58,3 +62,20 @@ def test_bench_rows_take_prefixes_and_any_batch_size():
         ("train-b8", "train", 8), ("train-b64", "train", 64)]
     with pytest.raises(SystemExit, match="no row 'train-b0'"):
         bench.plan("train-b0")
+
+
+def test_matmul_products_count_forward_and_the_backward_that_will_run():
+    sys.path.insert(0, ROOT)
+    import bench
+
+    frozen, first, second = torch.nn.Linear(3, 4), torch.nn.Linear(4, 5), torch.nn.Linear(5, 2)
+    frozen.requires_grad_(False)  # like the vision tower: forward only
+    model = torch.nn.Sequential(frozen, first, second)
+    products = bench.matmul_products(model, lambda: model(torch.randn(6, 3)).sum().backward())
+    assert products == {
+        ("x @ W.T", 6, 3, 4): 1, ("x @ W.T", 6, 4, 5): 1, ("x @ W.T", 6, 5, 2): 1,
+        ("dY.T @ X", 6, 4, 5): 1, ("dY.T @ X", 6, 5, 2): 1,  # the trained weights' gradients
+        ("dY @ W", 6, 5, 2): 1,  # the input's gradient only where the input has one: not into the frozen layer
+    }
+    with torch.no_grad():  # inference: the forward products alone
+        assert sum(bench.matmul_products(model, lambda: model(torch.randn(2, 7, 3))).values()) == 3
