@@ -683,7 +683,8 @@ def splice_images(input_ids, embeds, images, attention_mask, labels=None):
     start = end - width + shift  # (B, T): each token's first position
     out = embeds.new_zeros(B, T2, embeds.size(-1))
     rows, cols = (real & ~is_image).nonzero(as_tuple=True)  # the text tokens
-    out[rows, start[rows, cols]] = embeds[rows, cols]
+    to = start[rows, cols]  # their positions in the spliced rows
+    out[rows, to] = embeds[rows, cols]
     img_rows, img_cols = is_image.nonzero(as_tuple=True)  # row by row, the order of `images`
     span = start[img_rows, img_cols, None] + torch.arange(N, device=start.device)  # (n_img, N)
     out[img_rows[:, None], span] = images
@@ -692,7 +693,7 @@ def splice_images(input_ids, embeds, images, attention_mask, labels=None):
     out_labels = None
     if labels is not None:  # an image predicts nothing: its positions keep -100
         out_labels = torch.full((B, T2), IGNORE_INDEX, dtype=torch.long, device=input_ids.device)
-        out_labels[rows, start[rows, cols]] = labels[rows, cols]
+        out_labels[rows, to] = labels[rows, cols]
     return out, out_mask, out_labels
 
 
