@@ -226,7 +226,6 @@ def test_batch_with_padding_and_text_only_sample(tmp_path):
     assert (batch[1, :6] - alone_b[0]).abs().max() <= TOL
 
 
-
 def splice_row_by_row(ids, embeds, images, mask, labels, left):
     """The splice spelled out, one row and one token at a time: the reference splice_images must equal."""
     rows, k = [], 0
@@ -279,6 +278,7 @@ def test_splice_equals_a_row_by_row_reference(left):
         for a, b in zip(torch.autograd.grad((got[0] * w).sum(), (embeds, images)),
                         torch.autograd.grad((want[0] * w).sum(), (embeds, images), allow_unused=True)):
             assert torch.equal(a, torch.zeros_like(a) if b is None else b)
+
 
 def test_loss_is_shifted_and_never_nan(tmp_path):
     _, path = llava(tmp_path)
