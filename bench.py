@@ -40,8 +40,10 @@ bandwidth being the faster of two large tensor reads, timed like the GEMMs.
 
 A square GEMM's peak is more than a model of width 576 can reach: its products are thin. So the prefill
 and training rows also report "GEMMs alone", the time that the call's own matrix products take when each
-is timed by itself at its shape (matmul_products, matmul_floor), over tinyllava's time: how much of the call is inherent
-matrix work; the rest is what the code around the products costs.
+is timed by itself at its shape (matmul_products, matmul_floor; on a GPU as CUDA-graph replays, so that
+launching them costs nothing), over tinyllava's time: how much of the call is inherent matrix work; the
+rest is what the code around the products costs. MFU / GEMMs alone is then the MFU that the products alone
+would reach: the ceiling of any implementation at these shapes.
 """
 
 import argparse
@@ -227,10 +229,23 @@ def matmul_floor(products, device, dtype, repeats=3):
     total = 0.0
     for (kind, rows, k, n), count in products.items():
         x, w, dy = (torch.randn(*shape, device=device, dtype=dtype) for shape in ((rows, k), (n, k), (rows, n)))
-        product = {"x @ W.T": lambda: F.linear(x, w), "dY @ W": lambda: dy @ w, "dY.T @ X": lambda: dy.t() @ x}[kind]
+        a, b = {"x @ W.T": (x, w.t()), "dY @ W": (dy, w), "dY.T @ X": (dy.t(), x)}[kind]
+        out = torch.empty(a.size(0), b.size(1), device=device, dtype=dtype)
+        product = lambda: torch.mm(a, b, out=out)  # noqa: E731
         # small products take microseconds: time loops of ~2 ms, so that the syncs around them do not count
         loop = max(1, min(100, int(2e-3 / timed(product, device))))  # this first call also warms up
-        total += count * min(timed(lambda: [product() for _ in range(loop)], device) for _ in range(repeats)) / loop
+        run = lambda: [product() for _ in range(loop)]  # noqa: E731
+        if device.type == "cuda":  # launching a small product takes longer than running it: replay a graph of the loop
+            side = torch.cuda.Stream()  # warm up on a side stream first, as torch.cuda.graph's documentation asks
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            run = graph.replay
+        total += count * min(timed(run, device) for _ in range(repeats)) / loop
     return total
 
 
@@ -362,12 +377,14 @@ def decode_row(ours, ref, b, amp, new_tokens, out):
 
 
 def compile_parts(ours, ref, mode):
-    """torch.compile the vision tower and the language model on both sides, alike (TinyLlava.compile). The
-    glue (the image splice, the loss over the trained positions) stays eager: its shapes depend on the data."""
-    mode = None if mode == "default" else mode
-    ours.compile(mode=mode)
-    ref.model.vision_tower.compile(mode=mode)
-    ref.model.language_model.compile(mode=mode)
+    """torch.compile the vision tower and the decoder on both sides, alike (TinyLlava.compile: our decoder's
+    body, transformers' language model). The glue (the image splice, the loss over the trained positions)
+    stays eager: its shapes depend on the data. dynamic=False: each batch size gets code specialised to its
+    shapes, as a run with a fixed batch would, not the shape-generic code a second size would trigger."""
+    kw = dict(mode=None if mode == "default" else mode, dynamic=False)
+    ours.compile(**kw)
+    ref.model.vision_tower.compile(**kw)
+    ref.model.language_model.compile(**kw)
 
 
 def train_row(ours, ref, b, amp):
@@ -483,6 +500,9 @@ def run(args):
                 fns, tokens = train_row(ours, ref, b, amp), B * T
                 targets = int((b["labels"][:, 1:] != tl.IGNORE_INDEX).sum()) // B  # per sample: every text token but the first
                 flops = model_flops(ours, B, n_text, train=True, logits=targets)
+            if kind != "decode":  # its matrix products, counted by hooks with compiled code set aside (see below)
+                with torch.compiler.set_stance("force_eager"):
+                    products = matmul_products(ours, fns[0])
             t_ours, t_ref, n = race(*fns, dev, warmup, repeats)
             if args.profile:
                 figures, table = profile(fns[0], dev)
@@ -496,10 +516,11 @@ def run(args):
                 row["same_tokens"] = (gen["ours"] == gen["ref"].to(gen["ours"].device)).float().mean().item()
                 # memory-bandwidth utilisation: the weights each forward pass streams (prefill included, so a lower bound)
                 row["streamed_bytes"] = new_tokens * weight_bytes(ours)
-            # decoding is bound by memory, not by its matrix products: its yardstick is MBU. Under --compile the
-            # products are the eager run's, and hooks would make the compiled model recompile: no floor there.
-            if kind != "decode" and not (compiled and kind == "train"):
-                row["matmul_floor_s"] = matmul_floor(matmul_products(ours, fns[0]), dev, DTYPES[dtype_name])
+            # decoding is bound by memory, not by its matrix products: its yardstick is MBU. The products were
+            # counted before timing, in eager mode: a compiled model runs the same ones, but hooks in it would
+            # make it recompile.
+            if kind != "decode":
+                row["matmul_floor_s"] = matmul_floor(products, dev, DTYPES[dtype_name])
             if kind == "train":
                 ours.eval(), ref.eval()
             if args.profile:
