@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import data
-from tinyllava import (IGNORE_INDEX, LanguageModel, TinyLlava, load_weights, parameter_table, read_config, save_safetensors,
+from tinyllava import (IGNORE_INDEX, LlamaModel, TinyLlava, load_weights, parameter_table, read_config, save_safetensors,
                        state_dict_for_save, write_json)
 
 
@@ -185,7 +185,7 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
     master = rank == 0
     raw = model  # the module whose parameters we save; `model` may become a DDP / compiled wrapper
     for m in raw.modules():
-        if isinstance(m, LanguageModel):
+        if isinstance(m, LlamaModel):
             m.gradient_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
         raw.compile()  # in place: parameter names stay the same (no "_orig_mod." prefix)

@@ -316,6 +316,37 @@ def test_training_loss_without_logits_equals_the_full_loss(tmp_path):
     assert grads[0].shape == grads[1].shape and (grads[0] - grads[1]).abs().max() <= 1e-6
 
 
+def test_training_step_equal_under_gradient_checkpointing_and_compile(tmp_path):
+    """The same loss and gradients (padded batch with images) eagerly, with gradient checkpointing (the layers
+    then run twice: the backward recomputes them), and with TinyLlava.compile (fullgraph: the vision tower
+    and the decoder body trace without a graph break; the aot_eager backend checks the traced forward and
+    backward in seconds, inductor's code generation is PyTorch's to test); greedy generation from the
+    compiled model equals the eager one."""
+    _, path = llava(tmp_path)
+    ids = torch.tensor([[1, tl.IMAGE_TOKEN_INDEX, 2, 3, 4, 5], [6, tl.IMAGE_TOKEN_INDEX, 7, 8, 0, 0]])
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0, 0]])
+    labels = torch.tensor([[-100, -100, -100, 3, 4, 5], [-100, -100, -100, 8, -100, -100]])
+    pix = torch.randn(2, 3, 32, 32)
+    models = [tl.TinyLlava.from_pretrained(path) for _ in range(3)]
+    models[1].language_model.model.gradient_checkpointing = True
+    calls = []
+    models[1].language_model.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    models[2].compile(fullgraph=True, dynamic=False, backend="aot_eager")
+    losses, grads = [], []
+    for model in models:
+        model.train()
+        _, loss = model(ids, pix, mask, labels, return_logits=False)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert len(calls) == 2
+    for loss, grad in zip(losses[1:], grads[1:]):
+        assert abs(loss - losses[0]) <= TOL and (grad - grads[0]).abs().max() <= TOL
+    prompt = torch.tensor([[0, 0, 5, tl.IMAGE_TOKEN_INDEX, 6]])  # left-padded
+    gen = [m.eval().generate(prompt, pix[:1], attention_mask=(prompt > 0).long(), max_new_tokens=6, eos_token_id=[]) for m in (models[0], models[2])]
+    assert torch.equal(gen[0], gen[1])
+
+
 def test_image_count_mismatch_raises(tmp_path):
     _, path = llava(tmp_path)
     model = tl.TinyLlava.from_pretrained(path)
