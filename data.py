@@ -19,30 +19,28 @@ A sample is a conversation, optionally about one image:
    exactly as the encoder's own HF image processor would (tests check this against transformers).
 4. A dataset reads the JSON lazily (images are opened in __getitem__), and `collate` pads a batch.
 
-Also here: a mask viewer (`python data.py show ...`) to *see* which tokens are trained, and a synthetic
-shapes data set (`python data.py make-shapes OUT_DIR`) that the offline pipeline trains on.
+Also here: a mask viewer (`python data.py show ...`) to *see* which tokens are trained. The synthetic
+shapes data set that the offline pipeline trains on lives apart, in offline/shapes.py.
 """
 
 import argparse
 import itertools
 import json
 import os
-import random
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import tokenizers
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, InputError, command_line
 
 IMAGE_TAG = "<image>"
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data; the message names the file and the sample."""
 
 
@@ -165,11 +163,28 @@ def get_template(template):
     if isinstance(template, Template):
         return template
     if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; known templates: {', '.join(TEMPLATES)}")
+        raise InputError(f"unknown template {template!r}; known templates: {', '.join(TEMPLATES)}")
     return TEMPLATES[template]
 
 # -----------------------------------------------------------------------------
 # Tokenization with masks, and truncation
+
+
+def image_first(text):
+    """A human turn with the image: the tag goes first, on a line of its own, wherever (or whether) the
+    user wrote it, as LLaVA does."""
+    return IMAGE_TAG + "\n" + text.replace(IMAGE_TAG, "").strip()
+
+
+def with_image_tag(conversations):
+    """A copy of the turns with the image tag in the first human turn: the form for a sample that has an
+    image but whose text never mentions it."""
+    turns = [dict(t) for t in conversations]
+    if not any(IMAGE_TAG in t["value"] for t in turns):
+        human = next((t for t in turns if t["from"] == "human"), None)
+        if human is not None:
+            human["value"] = image_first(human["value"])
+    return turns
 
 
 def tokenize_conversation(conversations, tokenizer, template, max_len=None, add_generation_prompt=False):
@@ -227,8 +242,8 @@ def tokenize_conversation(conversations, tokenizer, template, max_len=None, add_
     for turn in turns:
         text = turn["value"]
         if turn["from"] == "human":
-            if IMAGE_TAG in text:  # wherever the tag was, the image goes first, as in LLaVA
-                text = IMAGE_TAG + "\n" + text.replace(IMAGE_TAG, "").strip()
+            if IMAGE_TAG in text:
+                text = image_first(text)
             if not tpl.keep_user_text:
                 text = IMAGE_TAG if IMAGE_TAG in text else ""
             prompt += tpl.user_fmt.format(text)
@@ -269,17 +284,33 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ImageConfig:
-    size: int        # side of the square the encoder sees
-    mean: tuple      # per-channel mean and std of the encoder's training pixels, in [0, 1]
-    std: tuple
-    native_mode: str  # what the encoder's own HF processor does: "crop" (CLIP) or "squash" (SigLIP)
+    size: int  # side of the square the encoder sees
+    mean: tuple  # per-channel mean of the encoder's training pixels, in [0, 1]
+    std: tuple  # per-channel std, likewise
+    mode: str = "pad"  # how the image becomes a square: "pad" (LLaVA-1.5), "crop" (CLIP), "squash" (SigLIP)
+
+
+LLAVA_IMAGE = ImageConfig(336, CLIP_MEAN, CLIP_STD)  # LLaVA-1.5's: CLIP-L/14-336, padded
+
+
+@dataclass
+class ChatConfig:
+    """How to talk to a model as it was trained: stored in its config.json (TinyLlava.chat holds the dict)."""
+
+    template: str  # conversation template name
+    image: ImageConfig  # image preprocessing
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(template=d["template"], image=ImageConfig(**d["image"]))
 
 
 def load_image_processor_config(path):
-    """Read preprocessor_config.json of a checkpoint; fall back to the CLIP or SigLIP defaults
-    (chosen from config.json's model_type) and to config.json's image_size."""
+    """The image settings of a checkpoint's own processor (preprocessor_config.json, mode "crop" for CLIP,
+    "squash" for SigLIP); without one, the CLIP or SigLIP defaults (chosen from config.json's model_type)
+    and config.json's image_size."""
     p = _read_json(os.path.join(path, "preprocessor_config.json"))
     cfg = _read_json(os.path.join(path, "config.json"))
     vision = cfg.get("vision_config", cfg)
@@ -326,10 +357,15 @@ def preprocess_image(image, size, mean, std, mode="pad"):
     elif mode in ("pad", "squash"):
         image = image.resize((size, size), Image.BICUBIC)
     else:
-        raise ValueError(f"unknown image mode {mode!r}; use 'pad', 'crop' or 'squash'")
+        raise InputError(f"unknown image mode {mode!r}; use 'pad', 'crop' or 'squash'")
     x = np.asarray(image, dtype=np.float32) / 255.0  # (size, size, 3) in [0, 1]
     x = (x - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
     return torch.from_numpy(x).permute(2, 0, 1).contiguous()  # (3, size, size)
+
+def load_image(file, image):
+    """An image file, prepared as ImageConfig `image` says: (3, size, size)."""
+    with Image.open(file) as im:
+        return preprocess_image(im, image.size, image.mean, image.std, image.mode)
 
 # -----------------------------------------------------------------------------
 # Datasets and batching
@@ -371,29 +407,24 @@ def load_samples(path):
 
 class ConversationDataset(torch.utils.data.Dataset):
     """LLaVA-format conversations, tokenized once up front (cheap, and it finds bad samples before
-    training starts); images are opened lazily in __getitem__. Images are looked up in image_folder,
-    by default the data file's folder; absolute paths are used as they are."""
+    training starts); images are opened lazily in __getitem__ and prepared as `image` says. Images are
+    looked up in image_folder, by default the data file's folder; absolute paths are used as they are."""
 
-    def __init__(self, path, tokenizer, template, image_folder=None, image_size=336, mean=CLIP_MEAN,
-                 std=CLIP_STD, image_mode="pad", max_len=None):
-        self.path, self.name = path, os.path.basename(path)
+    def __init__(self, path, tokenizer, template, image=LLAVA_IMAGE, image_folder=None, max_len=None):
+        self.path, self.name, self.image = path, os.path.basename(path), image
         self.image_folder = os.path.dirname(os.path.abspath(path)) if image_folder is None else image_folder
-        self.image_size, self.mean, self.std, self.image_mode = image_size, mean, std, image_mode
         template = get_template(template)
         self.samples, self.skipped = [], []
         for s in load_samples(path):
-            convs = [dict(t) for t in s["conversations"]]
-            n_tags = sum(t["value"].count(IMAGE_TAG) for t in convs)
+            n_tags = sum(t["value"].count(IMAGE_TAG) for t in s["conversations"])
             if n_tags > (1 if "image" in s else 0):
                 self._fail(s, f"{n_tags} {IMAGE_TAG} tag(s) but {1 if 'image' in s else 0} image(s)")
-            image = None
+            image, convs = None, s["conversations"]
             if "image" in s:
                 image = os.path.join(self.image_folder, s["image"])
                 if not os.path.isfile(image):
                     self._fail(s, f"image not found: {image}")
-                human = next((t for t in convs if t["from"] == "human"), None)
-                if n_tags == 0 and human is not None:  # an untagged image goes where LLaVA moves tags to
-                    human["value"] = IMAGE_TAG + "\n" + human["value"]
+                convs = with_image_tag(convs)
             try:
                 ids, labels = tokenize_conversation(convs, tokenizer, template, max_len=max_len)
             except TooLong:
@@ -421,8 +452,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         pixel_values = None
         if s["image"] is not None:
             try:
-                with Image.open(s["image"]) as im:
-                    pixel_values = preprocess_image(im, self.image_size, self.mean, self.std, self.image_mode)
+                pixel_values = load_image(s["image"], self.image)
             except OSError as e:
                 self._fail(s, f"cannot read image {s['image']}: {e}")
         return dict(id=s["id"], input_ids=torch.tensor(s["input_ids"]), labels=torch.tensor(s["labels"]),
@@ -447,42 +477,6 @@ def collate(batch, pad_id):
                 pixel_values=torch.stack(images) if images else None,  # (n_images, 3, H, W)
                 has_image=torch.tensor([b["pixel_values"] is not None for b in batch]),
                 ids=[b["id"] for b in batch])
-
-
-class ModalityBatchSampler:
-    """Batches that are all-image or all-text, in a shuffled order (LLaVA's group_by_modality_length,
-    without its length sorting). Text-only samples are much shorter than image ones (an image is
-    hundreds of positions), so mixing them wastes compute on padding. Deterministic from seed + epoch."""
-
-    def __init__(self, has_image, batch_size, seed=0, drop_last=False):
-        self.has_image, self.batch_size, self.seed, self.drop_last = has_image, batch_size, seed, drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def _batches(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        batches = []
-        for flag in (True, False):
-            idx = [i for i, h in enumerate(self.has_image) if h == flag]
-            idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
-            batches += [idx[k:k + self.batch_size] for k in range(0, len(idx), self.batch_size)
-                        if not self.drop_last or k + self.batch_size <= len(idx)]
-        return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
-
-    def __iter__(self):
-        return iter(self._batches())
-
-    def __len__(self):
-        return len(self._batches())
-
-
-def iter_texts(path):
-    """Every message of a data file, without the image tag (e.g. to train a tokenizer on)."""
-    for s in load_samples(path):
-        for t in s["conversations"]:
-            yield t["value"].replace(IMAGE_TAG, "").strip()
 
 # -----------------------------------------------------------------------------
 # Mask viewer: see which tokens are trained
@@ -524,159 +518,6 @@ def show(path, tokenizer, template, n=3, image_folder=None, max_len=None, color=
             print(f"cannot tokenize: {e}")
 
 # -----------------------------------------------------------------------------
-# Synthetic shapes: a clean, learnable, offline image-question data set
-
-SHAPES = ("circle", "square", "triangle", "diamond")
-COLORS = ("red", "green", "blue", "yellow")
-SIZES = ("small", "large")
-RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 195, 20)}
-DIAMETER = {"small": 0.45, "large": 0.8}  # as a fraction of a grid cell: clearly apart, never overlapping
-CELLS = ("top left", "top center", "top right", "middle left", "center", "middle right",
-         "bottom left", "bottom center", "bottom right")  # a 3x3 grid, row by row: cell = 3 * row + col
-TEXT_FACTS = [("What color do you get by mixing red and yellow?", "orange"),
-              ("What color do you get by mixing blue and yellow?", "green"),
-              ("What color do you get by mixing red and blue?", "purple"),
-              ("What color do you get by mixing red and white?", "pink"),
-              ("How many sides does a triangle have?", "3"), ("How many sides does a square have?", "4"),
-              ("How many corners does a diamond have?", "4"), ("Which shape has no corners?", "circle"),
-              ("What color is grass?", "green"), ("What color is a banana?", "yellow"),
-              ("What color is the sky on a clear day?", "blue"), ("What color is a strawberry?", "red")]
-TEXT_FACTS += [(f"What is {a} plus {b}?", str(a + b)) for a in range(5) for b in range(5)]
-
-
-def draw_shapes(objects, size, rng):
-    """Objects {"shape", "color", "size", "cell"} on white, each jittered a little inside its own cell
-    (so they never overlap); drawn at 4x and box-downsampled so the edges are anti-aliased."""
-    S, cell = 4 * size, 4 * size / 3
-    image = Image.new("RGB", (S, S), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    for o in objects:
-        r = DIAMETER[o["size"]] * cell / 2
-        slack = 0.5 * (cell / 2 - r)  # a little jitter, but centres stay well inside their cell
-        cx = (o["cell"] % 3 + 0.5) * cell + rng.uniform(-slack, slack)
-        cy = (o["cell"] // 3 + 0.5) * cell + rng.uniform(-slack, slack)
-        fill = RGB[o["color"]]
-        if o["shape"] == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif o["shape"] == "square":
-            draw.rectangle((cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r), fill=fill)
-        elif o["shape"] == "triangle":
-            draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
-        else:
-            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
-    return image.reduce(4)
-
-
-def caption(objects):
-    """Objects in cell order: 'a large red circle at the top left and a small blue square at the center.'"""
-    parts = [f"a {o['size']} {o['color']} {o['shape']} at the {CELLS[o['cell']]}" for o in objects]
-    return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + "."
-
-
-def ask(kind, objects, rng, hard=False):
-    """One (question, answer) of a kind about the objects, or None if that kind would be ambiguous here.
-    hard=True asks "is there a ...?" about absent objects that share a colour or a shape with one that is
-    there, when possible: the questions that only a colour-and-shape match answers."""
-    count = lambda **kw: sum(all(o[k] == v for k, v in kw.items()) for o in objects)  # noqa: E731
-    unique = lambda *keys: [o for o in objects if count(**{k: o[k] for k in keys}) == 1]  # noqa: E731
-    if kind == "color" and unique("shape"):
-        o = rng.choice(unique("shape"))
-        return f"What color is the {o['shape']}?", o["color"]
-    if kind == "shape" and unique("color"):
-        o = rng.choice(unique("color"))
-        return f"What shape is the {o['color']} object?", o["shape"]
-    if kind in ("size", "position") and unique("color", "shape"):
-        o = rng.choice(unique("color", "shape"))
-        if kind == "size":
-            return f"Is the {o['color']} {o['shape']} small or large?", o["size"]
-        return f"Where is the {o['color']} {o['shape']}?", CELLS[o["cell"]]
-    if kind == "count":
-        which = rng.choice(["all", "color", "shape"])
-        if which == "color":
-            c = rng.choice(COLORS)
-            return f"How many {c} shapes are there?", str(count(color=c))
-        if which == "shape":
-            s = rng.choice(SHAPES)
-            return f"How many {s}s are there?", str(count(shape=s))
-        return "How many shapes are there?", str(len(objects))
-    if kind == "exists":
-        if rng.random() < 0.5:  # half the time ask about an object that is there
-            o = rng.choice(objects)
-            return f"Is there a {o['color']} {o['shape']}?", "yes"
-        absent = [(c, s) for c in COLORS for s in SHAPES if not count(color=c, shape=s)]
-        if hard:
-            absent = [(c, s) for c, s in absent if count(color=c) or count(shape=s)] or absent
-        c, s = rng.choice(absent)
-        return f"Is there a {c} {s}?", "no"
-    return None
-
-
-QUESTION_KINDS = ("color", "shape", "size", "position", "count", "exists")
-
-
-def random_objects(rng):
-    """1 to 3 objects of random shape, colour and size, each in its own grid cell, in cell order."""
-    cells = sorted(rng.sample(range(9), rng.randint(1, 3)))
-    return [dict(shape=rng.choice(SHAPES), color=rng.choice(COLORS), size=rng.choice(SIZES), cell=c) for c in cells]
-
-
-def random_questions(objects, rng, n_turns=None, hard=False, describe=0.2, distinct=False):
-    """The (question, answer) turns of one stage-2 conversation: n_turns (default 2 to 4), opening with a
-    caption with probability `describe`. hard: see ask(). distinct: never ask the same question twice in a
-    conversation (a repeated question is answered by copying the earlier answer, not by looking at the
-    image; with 6 turns about 1 to 3 objects, 18% of the questions were repeats)."""
-    qas = [("Describe the image.", caption(objects))] if rng.random() < describe else []
-    n_turns = n_turns or rng.randint(2, 4)
-    while len(qas) < n_turns:
-        qa = ask(rng.choice(QUESTION_KINDS), objects, rng, hard)
-        if qa and not (distinct and any(qa[0] == q for q, _ in qas)):
-            qas.append(qa)
-    return qas
-
-
-def make_shapes(out_dir, n_images=4000, seed=0, size=64, test_frac=0.1):
-    """Write images/*.png, captions.json (stage 1), instruct.json (stage 2), test.json (held-out
-    images, one short-answer question each) and meta.json (the objects of every image)."""
-    rng = random.Random(seed)
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    n_test = round(n_images * test_frac)
-    meta, captions, instruct, test = [], [], [], []
-    for i in range(n_images):
-        objects = random_objects(rng)
-        image = f"images/{i:05d}.png"
-        draw_shapes(objects, size, rng).save(os.path.join(out_dir, image))
-        split = "test" if i >= n_images - n_test else "train"
-        meta.append(dict(image=image, split=split, objects=objects))
-        if split == "test":  # cycle through the kinds so each is evaluated about equally often
-            kinds = QUESTION_KINDS[i % len(QUESTION_KINDS):] + QUESTION_KINDS
-            kind, (q, a) = next((k, qa) for k in kinds if (qa := ask(k, objects, rng)))
-            test.append(dict(id=f"test-{i:05d}", image=image, type=kind,
-                             conversations=chat_turns([(q, a)], image=True)))
-            continue
-        captions.append(dict(id=f"caption-{i:05d}", image=image, conversations=[
-            {"from": "human", "value": IMAGE_TAG}, {"from": "gpt", "value": caption(objects)}]))
-        qas = random_questions(objects, rng)
-        instruct.append(dict(id=f"instruct-{i:05d}", image=image, conversations=chat_turns(qas, image=True)))
-    for i in range(len(instruct) // 9):  # text-only: ~10% of stage 2, so the LLM keeps answering without images
-        instruct.append(dict(id=f"text-{i:05d}", conversations=chat_turns(rng.sample(TEXT_FACTS, rng.randint(1, 2)))))
-    rng.shuffle(instruct)
-    for name, samples in [("captions", captions), ("instruct", instruct), ("test", test)]:
-        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:  # one sample per line: greppable
-            f.write("[\n" + ",\n".join(json.dumps(s) for s in samples) + "\n]\n")
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(dict(size=size, shapes=SHAPES, colors=COLORS, sizes=SIZES, cells=CELLS, images=meta), f)
-    return dict(captions=len(captions), instruct=len(instruct), test=len(test))
-
-
-def chat_turns(qas, image=False):
-    """(question, answer) pairs -> LLaVA conversation turns; the image tag opens the first question."""
-    turns = []
-    for k, (q, a) in enumerate(qas):
-        turns += [{"from": "human", "value": (IMAGE_TAG + "\n" if image and k == 0 else "") + q},
-                  {"from": "gpt", "value": a}]
-    return turns
-
-# -----------------------------------------------------------------------------
 # CLI
 
 
@@ -690,20 +531,9 @@ def main(argv=None):
     p.add_argument("-n", type=int, default=3, help="number of samples to show")
     p.add_argument("--image-folder", default=None)
     p.add_argument("--max-len", type=int, default=None)
-    p = sub.add_parser("make-shapes", help="write the synthetic shapes data set")
-    p.add_argument("out_dir")
-    p.add_argument("--n-images", type=int, default=4000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
     args = parser.parse_args(argv)
-    if args.command == "show":
-        show(args.file, load_tokenizer(args.tokenizer), args.template, args.n, args.image_folder, args.max_len)
-    else:
-        t0 = time.time()
-        counts = make_shapes(args.out_dir, args.n_images, args.seed, args.size)
-        print(f"wrote {args.n_images} images to {args.out_dir} in {time.time() - t0:.1f}s: "
-              + ", ".join(f"{k}.json {v} samples" for k, v in counts.items()))
+    show(args.file, load_tokenizer(args.tokenizer), args.template, args.n, args.image_folder, args.max_len)
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -30,6 +31,11 @@ from safetensors.torch import save_file
 
 IMAGE_TOKEN_INDEX = -200  # the placeholder id that marks where an image's features are spliced in
 IGNORE_INDEX = -100  # label value that cross-entropy ignores: the token is context, not a target
+
+
+class InputError(ValueError):
+    """A user's mistake: a bad file, flag value or checkpoint. The command lines print it as one line
+    (command_line); any other exception is a bug and keeps its traceback."""
 
 # -----------------------------------------------------------------------------
 # Building blocks
@@ -50,7 +56,7 @@ ACTIVATIONS = {
 
 def get_activation(name):
     if name not in ACTIVATIONS:
-        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+        raise InputError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
@@ -118,7 +124,7 @@ class VisionConfig:
         L = self.num_hidden_layers
         n = self.select_layer if self.select_layer >= 0 else L + 1 + self.select_layer
         if not 0 <= n <= L:
-            raise ValueError(f"select_layer {self.select_layer} is outside a {L}-layer vision tower")
+            raise InputError(f"select_layer {self.select_layer} is outside a {L}-layer vision tower")
         return n
 
 
@@ -209,9 +215,9 @@ class VisionTower(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         if cfg.model_type not in ("clip_vision_model", "siglip_vision_model"):
-            raise ValueError(f"unsupported vision model_type {cfg.model_type!r}")
+            raise InputError(f"unsupported vision model_type {cfg.model_type!r}")
         if cfg.select_feature not in ("patch", "cls_patch"):
-            raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {cfg.select_feature!r}")
+            raise InputError(f"select_feature must be 'patch' or 'cls_patch', got {cfg.select_feature!r}")
         self.config = cfg
         self.embeddings = VisionEmbeddings(cfg)
         if cfg.has_cls:
@@ -266,7 +272,7 @@ class Projector(nn.Module):
     def __init__(self, kind, vision_dim, text_dim, bias=True):
         super().__init__()
         if kind not in ("linear", "mlp2x_gelu"):
-            raise ValueError(f"unsupported projector {kind!r}; supported: 'linear', 'mlp2x_gelu'")
+            raise InputError(f"unsupported projector {kind!r}; supported: 'linear', 'mlp2x_gelu'")
         self.kind = kind
         self.linear_1 = nn.Linear(vision_dim, text_dim, bias=bias)
         if kind == "mlp2x_gelu":
@@ -422,7 +428,7 @@ class LanguageModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         if cfg.model_type not in ("llama", "qwen2"):
-            raise ValueError(f"unsupported language model_type {cfg.model_type!r}")
+            raise InputError(f"unsupported language model_type {cfg.model_type!r}")
         self.config = cfg
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -464,11 +470,9 @@ class LanguageModel(nn.Module):
 
     def compile(self, *args, **kwargs):
         """torch.compile the decoder body (self.model) in place; the embedding lookup, the positions, RoPE's
-        angles, the mask and lm_head stay eager. This way cos/sin enter the compiled graph as inputs, computed
-        once per forward. Computed inside it, the compiler inlined them into every layer and recomputed them
-        (exp, cos and sin per element) in each layer's forward and backward: in a bf16 training step at batch
-        128 on an H100, the forward's RoPE kernels alone took 7.5 of its 118 ms. Compiled this way, the same
-        step takes 108 ms."""
+        angles, the mask and lm_head stay eager. So cos/sin enter the compiled graph as inputs, computed once
+        per forward: computed inside it, the compiler inlines them into every layer and recomputes them in
+        each layer's forward and backward (docs/speed.md has the measurement)."""
         self.model.compile(*args, **kwargs)
 
     @classmethod
@@ -536,8 +540,7 @@ class TinyLlava(nn.Module):
             ).to(w.dtype)
         self.source_dir = None  # where tokenizer files come from (copied by save_pretrained)
         self.sources = {}  # the vision / LLM checkpoints this model was built from (written to config.json)
-        self.chat = {}  # what chat/eval need to rebuild a prompt: template name and image preprocessing (set by training)
-        print(parameter_table(self))
+        self.chat = {}  # how to talk to it as it was trained (data.ChatConfig's fields; set by training)
 
     @property
     def config(self):
@@ -654,14 +657,14 @@ class TinyLlava(nn.Module):
         """Load our own checkpoint, or a transformers LlavaForConditionalGeneration one (either key layout)."""
         d = read_config(path)
         if d.get("model_type") != "llava":
-            raise ValueError(f"{path}/config.json: model_type {d.get('model_type')!r} is not 'llava'")
+            raise InputError(f"{path}/config.json: model_type {d.get('model_type')!r} is not 'llava'")
         layer, strategy = d.get("vision_feature_layer", -2), d.get("vision_feature_select_strategy", "default")
         if not isinstance(layer, int):
-            raise ValueError(f"{path}/config.json: vision_feature_layer {layer!r}: only a single layer is supported")
+            raise InputError(f"{path}/config.json: vision_feature_layer {layer!r}: only a single layer is supported")
         if strategy not in ("default", "full"):
-            raise ValueError(f"{path}/config.json: unsupported vision_feature_select_strategy {strategy!r}")
+            raise InputError(f"{path}/config.json: unsupported vision_feature_select_strategy {strategy!r}")
         if d.get("projector_hidden_act", "gelu") != "gelu":
-            raise ValueError(f"{path}/config.json: unsupported projector_hidden_act {d['projector_hidden_act']!r}")
+            raise InputError(f"{path}/config.json: unsupported projector_hidden_act {d['projector_hidden_act']!r}")
         vcfg = vision_config_from_hf(d["vision_config"], layer, "patch" if strategy == "default" else "cls_patch")
         tcfg = lm_config_from_hf(d["text_config"])
         with torch.device("meta"):
@@ -759,7 +762,7 @@ LM_DEFAULTS = {
 def read_config(path):
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"no config.json in {path!r}")
+        raise InputError(f"no config.json in {path!r}")
     with open(file) as f:
         return json.load(f)
 
@@ -776,7 +779,7 @@ def vision_config_from_hf(d, select_layer=-2, select_feature="patch"):
         d = {**d.get("vision_config", {}), "model_type": d["model_type"] + "_vision_model"}
     mt = d.get("model_type")
     if mt not in VISION_DEFAULTS:
-        raise ValueError(f"unsupported vision model_type {mt!r}; supported: clip, siglip and their vision models")
+        raise InputError(f"unsupported vision model_type {mt!r}; supported: clip, siglip and their vision models")
     fields = {**asdict(VisionConfig()), **VISION_DEFAULTS[mt]}
     cfg = VisionConfig(**{k: d.get(k, v) for k, v in fields.items() if k not in ("select_layer", "select_feature")},
                        select_layer=select_layer, select_feature=select_feature)
@@ -793,17 +796,17 @@ def vision_config_to_hf(cfg, num_layers):
 def lm_config_from_hf(d):
     mt = d.get("model_type")
     if mt not in LM_DEFAULTS:
-        raise ValueError(f"unsupported language model_type {mt!r}; supported: {sorted(LM_DEFAULTS)}")
+        raise InputError(f"unsupported language model_type {mt!r}; supported: {sorted(LM_DEFAULTS)}")
     get_activation(d.get("hidden_act", "silu"))
     if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} for a Llama-style MLP (expected 'silu')")
+        raise InputError(f"unsupported hidden_act {d['hidden_act']!r} for a Llama-style MLP (expected 'silu')")
     # newer transformers write rope settings as a `rope_parameters` dict, older ones as top-level keys
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise ValueError(f"unsupported rope scaling {rope_type!r} (only plain RoPE is implemented)")
+        raise InputError(f"unsupported rope scaling {rope_type!r} (only plain RoPE is implemented)")
     if d.get("use_sliding_window") or any(t != "full_attention" for t in d.get("layer_types") or []):
-        raise ValueError("unsupported sliding-window attention (use_sliding_window / layer_types)")
+        raise InputError("unsupported sliding-window attention (use_sliding_window / layer_types)")
     f = {**asdict(LMConfig()), **LM_DEFAULTS[mt], **{k: v for k, v in d.items() if k in asdict(LMConfig())}}
     f["num_key_value_heads"] = d.get("num_key_value_heads") or f["num_attention_heads"]
     f["head_dim"] = d.get("head_dim") or f["hidden_size"] // f["num_attention_heads"]
@@ -857,7 +860,7 @@ def read_safetensors(path, device=None):
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r} (only safetensors is supported)")
+        raise InputError(f"no model.safetensors or model.safetensors.index.json in {path!r} (only safetensors is supported)")
     tensors = {}
     for name in files:
         with safe_open(os.path.join(path, name), framework="pt", device=str(device or "cpu")) as f:
@@ -910,11 +913,11 @@ def load_weights(model, tensors, path, key_map, dtype=None, device=None):
             unexpected.append(k)
     missing = sorted(params.keys() - mapped.keys())
     wrong = [f"{n}: checkpoint {tuple(mapped[n].shape)} vs model {tuple(params[n].shape)}" for n in params if n in mapped and mapped[n].shape != params[n].shape]
-    if missing or unexpected or wrong:
-        msg = [f"cannot load {path!r}:"]
-        msg += [f"  missing key: {k}" for k in missing] + [f"  unexpected key: {k}" for k in sorted(unexpected)]
-        msg += [f"  wrong shape: {w}" for w in wrong]
-        raise KeyError("\n".join(msg))
+    problems = [("missing key", missing), ("unexpected key", sorted(unexpected)), ("wrong shape", wrong)]
+    if any(keys for _, keys in problems):  # one line, the first few of each kind
+        raise InputError(f"cannot load {path!r}: " + "; ".join(
+            f"{kind}: " + ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+            for kind, keys in problems if keys))
     for name, p in params.items():
         module_name, _, attr = name.rpartition(".")
         t = mapped[name].to(device=device or mapped[name].device, dtype=dtype or torch.float32)
@@ -950,186 +953,11 @@ def save_safetensors(tensors, file):
     os.replace(tmp, file)
 
 
-# -----------------------------------------------------------------------------
-# Command line: talk to a trained model, or measure it on a LLaVA-format file
-#   python tinyllava.py chat --model runs/sft --image data/shapes/images/03600.png [--prompt "What color is the circle?"]
-#   python tinyllava.py eval --model runs/sft --data data/shapes/test.json [--out answers.jsonl]
-# The prompt is built by data.py's template code, the very code that built the training data.
-
-
-def load_for_inference(path, device=None, template=None):
-    """(model, tokenizer, template name, image settings) from a checkpoint written by train_sft.py.
-    A LLaVA checkpoint from elsewhere works too, given --template (images then use its preprocessor_config.json)."""
-    import data  # imported here: data.py imports this file, and the model itself never needs the data path
-
-    model = TinyLlava.from_pretrained(path, device=device).eval()
-    tokenizer = data.load_tokenizer(path)
-    template = template or model.chat.get("template")
-    if template is None:
-        raise ValueError(f"{path}/config.json names no conversation template (tinyllava_chat): pass --template")
-    image = model.chat.get("image")
-    if image is None:
-        c = data.load_image_processor_config(path)
-        image = dict(size=c.size, mean=c.mean, std=c.std, mode="pad")
-    return model, tokenizer, data.get_template(template), image
-
-
-def stop_ids(model, tokenizer, template):
-    """Token ids that end an answer: the template's end token and the LLM's own end tokens."""
-    eos = model.language_model.config.eos_token_id
-    ids = {tokenizer.eos_id if template.end is None else tokenizer.token_to_id(template.end)}
-    ids |= set([eos] if isinstance(eos, int) else eos or [])
-    return sorted(i for i in ids if i is not None)
-
-
-def load_pixels(file, image):
-    """(1, 3, H, W) pixels of an image file, prepared as in training."""
-    import data
-    from PIL import Image
-
-    with Image.open(file) as im:
-        return data.preprocess_image(im, image["size"], image["mean"], image["std"], image["mode"])[None]
-
-
-def answer_batch(model, tokenizer, prompts, pixel_values, stop, max_new_tokens=32):
-    """Greedy answers (strings) to a batch of prompts (lists of ids, -200 where the image goes);
-    pixel_values (n_img, 3, H, W) for the prompts that have an image, in order, or None.
-
-    The prompts are LEFT-padded: each generated token is appended in one column for the whole batch,
-    so every prompt must end in that same column. (Training pads on the right, where nothing follows.)"""
-    device = model.language_model.lm_head.weight.device
-    T = max(map(len, prompts))
-    ids = torch.full((len(prompts), T), 0, dtype=torch.long)
-    mask = torch.zeros((len(prompts), T), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p) :], mask[i, T - len(p) :] = torch.tensor(p), 1
-    pixel_values = None if pixel_values is None else pixel_values.to(device)
-    out = model.generate(ids.to(device), pixel_values, mask.to(device), max_new_tokens, eos_token_id=stop)
-    answers = []
-    for row in out.tolist():
-        row = row[: next((k for k, t in enumerate(row) if t in stop), len(row))]  # cut at the first end token
-        answers.append(tokenizer.decode(row).strip())
-    return answers
-
-
-def normalize(text):
-    """Exact match ignores case, punctuation and spacing: 'Red.' == 'red'."""
-    return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
-
-
-def evaluate(model_dir, data_file, image_folder=None, batch_size=64, out=None, device=None, template=None, max_new_tokens=32):
-    """Answer the last human turn of every sample by greedy generation; print exact-match accuracy,
-    overall and per "type" when the samples have one; write the answers as JSONL (default: into model_dir).
-    Returns the accuracies."""
-    model, tokenizer, template, image = load_for_inference(model_dir, device, template)
-    out = out or os.path.join(model_dir, "answers.jsonl")
-    return evaluate_model(model, tokenizer, template, image, data_file, out, image_folder, batch_size, max_new_tokens)
-
-
-def evaluate_model(model, tokenizer, template, image, data_file, out, image_folder=None, batch_size=64, max_new_tokens=32):
-    """evaluate() for a model already in memory (template: a data.Template; image: its preprocessing settings)."""
-    import data
-
-    stop = stop_ids(model, tokenizer, template)
-    folder = image_folder or os.path.dirname(os.path.abspath(data_file))
-    samples = data.load_samples(data_file)
-    rows = []
-    for k in range(0, len(samples), batch_size):
-        prompts, pixels = [], []
-        for s in samples[k : k + batch_size]:
-            convs = [dict(t) for t in s["conversations"]]
-            if convs[-1]["from"] != "gpt":
-                raise ValueError(f"{data_file}: sample {s['id']}: the last turn must be the reference answer (from gpt)")
-            if "image" in s:
-                if data.IMAGE_TAG not in convs[0]["value"]:
-                    convs[0]["value"] = data.IMAGE_TAG + "\n" + convs[0]["value"]  # an untagged image goes first
-                file = os.path.join(folder, s["image"])
-                try:
-                    pixels.append(load_pixels(file, image))
-                except OSError as e:
-                    raise ValueError(f"{data_file}: sample {s['id']}: cannot read image {file}: {e}") from None
-            try:
-                prompts.append(data.build_prompt(convs[:-1], tokenizer, template))
-            except ValueError as e:
-                raise ValueError(f"{data_file}: sample {s['id']}: {e}") from None
-        answers = answer_batch(model, tokenizer, prompts, torch.cat(pixels) if pixels else None, stop, max_new_tokens)
-        for s, a in zip(samples[k : k + batch_size], answers):
-            ref = s["conversations"][-1]["value"]
-            rows.append(dict(id=s["id"], type=s.get("type"), question=s["conversations"][-2]["value"], answer=ref,
-                             prediction=a, correct=normalize(a) == normalize(ref)))
-    with open(out, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    accuracy = {"all": sum(r["correct"] for r in rows) / max(1, len(rows))}
-    for t in sorted({r["type"] for r in rows if r["type"] is not None}):
-        group = [r["correct"] for r in rows if r["type"] == t]
-        accuracy[t] = sum(group) / len(group)
-    print(f"exact match on {len(rows)} questions of {data_file}:")
-    for t, a in accuracy.items():
-        print(f"  {t:<10} {a:7.1%}  ({sum(r['correct'] for r in rows if t == 'all' or r['type'] == t)}"
-              f"/{sum(1 for r in rows if t == 'all' or r['type'] == t)})")
-    print(f"answers written to {out}")
-    return accuracy
-
-
-def chat(model_dir, image_file=None, prompt=None, device=None, template=None, max_new_tokens=256, temperature=0.0):
-    """A multi-turn conversation in the terminal (one turn with `prompt`), answers streamed token by token."""
-    import data
-
-    model, tokenizer, template, image = load_for_inference(model_dir, device, template)
-    stop = stop_ids(model, tokenizer, template)
-    device = model.language_model.lm_head.weight.device
-    pixel_values = None if image_file is None else load_pixels(image_file, image).to(device)
-    conversation = []
-    if prompt is None:
-        print("(an empty line or Ctrl-D ends the chat)")
-    while True:
-        try:
-            text = prompt if prompt is not None else input("user> ")
-        except EOFError:
-            text = ""
-        if not text.strip():
-            return conversation
-        if not conversation and pixel_values is not None:
-            text = data.IMAGE_TAG + "\n" + text
-        conversation.append({"from": "human", "value": text})
-        ids = torch.tensor([data.build_prompt(conversation, tokenizer, template)], device=device)
-        print("assistant> ", end="", flush=True)
-        tokens, shown = [], ""
-        for t in model.stream(ids, pixel_values, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=stop):
-            if t.item() in stop:
-                break
-            tokens.append(t.item())
-            text = tokenizer.decode(tokens)  # decode everything so far: a character may span several tokens
-            print(text[len(shown) :], end="", flush=True)
-            shown = text
-        print()
-        conversation.append({"from": "gpt", "value": shown.strip()})
-        if prompt is not None:
-            return conversation
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="tinyllava: chat with a trained model or evaluate it")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("chat", "eval"):
-        p = sub.add_parser(name)
-        p.add_argument("--model", required=True, help="checkpoint directory (e.g. runs/sft)")
-        p.add_argument("--template", help="conversation template (default: the one the model was trained with)")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--max-new-tokens", type=int, default=256 if name == "chat" else 32)
-        if name == "chat":
-            p.add_argument("--image", help="image file to talk about")
-            p.add_argument("--prompt", help="ask this once and exit, instead of an interactive chat")
-            p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        else:
-            p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL; the last turn of each sample is the reference")
-            p.add_argument("--image-folder", help="default: the data file's folder")
-            p.add_argument("--batch-size", type=int, default=64)
-            p.add_argument("--out", help="answers JSONL (default: MODEL/answers.jsonl)")
-    args = parser.parse_args()
-    if args.command == "chat":
-        chat(args.model, args.image, args.prompt, args.device, args.template, args.max_new_tokens, args.temperature)
-    else:
-        evaluate(args.model, args.data, args.image_folder, args.batch_size, args.out, args.device, args.template, args.max_new_tokens)
+def command_line(main):
+    """Run a script's main(): a user's mistake prints `error: <message>` and exits with code 2, no
+    traceback; a bug keeps its traceback."""
+    try:
+        main()
+    except (InputError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,7 +1,7 @@
 """
-The one training loop of tinyllava, shared by stage 0 (the offline stand-ins), stage 1 (train_pt.py)
-and stage 2 (train_sft.py). Each stage decides *what* is trained (by setting requires_grad) and hands
-this loop a model, a data set and a loss; the loop does the rest:
+A generic training loop, shared by stage 0 (the offline stand-ins), stage 1 (train_pt.py) and stage 2
+(train_sft.py). Nothing in it is about LLaVA: a caller decides *what* is trained (by setting
+requires_grad) and hands it a model, a data set, a collate function and a loss; the loop does the rest:
 
   AdamW (weight decay on matrices only) · linear warmup then cosine decay · gradient accumulation ·
   gradient clipping · bf16 autocast (CUDA by default) · optional torch.compile and gradient checkpointing ·
@@ -28,9 +28,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-import data
-from tinyllava import (IGNORE_INDEX, LlamaModel, TinyLlava, load_weights, parameter_table, read_config, save_safetensors,
-                       state_dict_for_save, write_json)
+from tinyllava import InputError
 
 
 @dataclass
@@ -46,8 +44,8 @@ class TrainConfig:
     beta2: float = 0.999  # AdamW's second-moment decay (LLaVA's); 0.95 adapts faster, for LMs trained from scratch (nanoGPT)
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     bf16: bool | None = None  # bf16 autocast; None = on CUDA only (on many CPUs bf16 matmuls are slower than fp32)
-    compile: bool = False  # torch.compile the networks (for a TinyLlava: its vision tower and LLM, see TinyLlava.compile)
-    grad_checkpointing: bool = False  # recompute the LLM's activations in backward: less memory, ~30% more time
+    compile: bool = False  # model.compile() in place (a TinyLlava compiles its vision tower and decoder body)
+    grad_checkpointing: bool = False  # recompute activations in backward (modules with that flag): less memory, more time
     seed: int = 0  # data order (and the caller's initialisation)
     eval_every: int = 0  # steps between eval-loss passes; 0 = only at the end
     save_every: int = 200  # steps between checkpoints (and one at the end)
@@ -119,7 +117,7 @@ def make_optimizer(model, lr, weight_decay, beta2, device):
     decaying biases and norm gains towards 0 only hurts, as in nanoGPT and LLaVA."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("nothing to train: no parameter has requires_grad=True")
+        raise InputError("nothing to train: no parameter has requires_grad=True")
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=device.type == "cuda")
@@ -158,21 +156,8 @@ def epoch_batches(n, batch_size, epoch, seed, lengths=None):
 
 
 # -----------------------------------------------------------------------------
-# Losses. A loss function returns (summed loss, trained targets, positions processed) of a batch;
-# the loop divides by the global number of targets.
-
-
-def llava_loss(model, batch):
-    """LLaVA batches from data.collate: next-token loss on the answer tokens (labels != -100)."""
-    _, loss = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"], return_logits=False)
-    n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the targets the loss averaged over
-    n_images = 0 if batch["pixel_values"] is None else batch["pixel_values"].size(0)
-    tokens = batch["attention_mask"].sum() + n_images * (getattr(model, "module", model).vision_tower.num_tokens - 1)
-    return loss * n, n, tokens
-
-
-# -----------------------------------------------------------------------------
-# The loop
+# The loop. A loss function returns (summed loss, trained targets, positions processed) of a batch; the
+# loop divides by the global number of targets.
 
 
 def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=None):
@@ -183,21 +168,22 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
     length of each training sample: batches are then grouped by length (see epoch_batches)."""
     rank, world, device = init_distributed()
     master = rank == 0
-    raw = model  # the module whose parameters we save; `model` may become a DDP / compiled wrapper
+    raw = model  # the module whose parameters we save; `model` may become a DDP wrapper
     for m in raw.modules():
-        if isinstance(m, LlamaModel):
+        if hasattr(m, "gradient_checkpointing"):
             m.gradient_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
         raw.compile()  # in place: parameter names stay the same (no "_orig_mod." prefix)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=device_ids)
     bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if cfg.batch_size % world:
-        raise ValueError(f"batch size {cfg.batch_size} is not divisible by {world} processes")
+        raise InputError(f"batch size {cfg.batch_size} is not divisible by {world} processes")
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training samples are fewer than one batch of {cfg.batch_size}")
+        raise InputError(f"{len(train_set)} training samples are fewer than one batch of {cfg.batch_size}")
     total = max(1, round(cfg.epochs * steps_per_epoch))
     trainable = {n: p for n, p in raw.named_parameters() if p.requires_grad}
     optimizer = make_optimizer(raw, cfg.lr, cfg.weight_decay, cfg.beta2, device)
@@ -205,58 +191,25 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
     ckpt_file, log_file = os.path.join(cfg.out_dir, "checkpoint.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
     run_id = dict(total=total, batch_size=cfg.batch_size, seed=cfg.seed, n=len(train_set), params=sorted(trainable),
                   grouped=lengths is not None)
-
     start, log = 0, []
-    if cfg.resume and os.path.exists(ckpt_file):
-        ckpt = torch.load(ckpt_file, map_location=device, weights_only=False)
-        if ckpt["run"] != run_id:
-            raise ValueError(f"{ckpt_file} belongs to a different run (steps, batch, seed, data size, length grouping or trained parameters differ)")
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(ckpt["model"][n])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if torch.cuda.is_available() and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        start = ckpt["step"]
-        with open(log_file) as f:  # lines after the checkpoint were logged by the killed run: redo them
-            log = [r for r in map(json.loads, f) if r["step"] <= start]
-        if master:
-            print(f"resumed {ckpt_file} at step {start}/{total}")
-    elif cfg.resume and master:
-        print(f"--resume: no {ckpt_file} yet, starting from scratch")
+    if cfg.resume:
+        start, log = resume(ckpt_file, log_file, run_id, trainable, optimizer, device, master)
     if master:
         write_jsonl(log_file, log)
 
-    def save_checkpoint(step):
-        if master:
-            rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-            state = dict(step=step, run=run_id, model={n: p.detach() for n, p in trainable.items()},
-                         optimizer=optimizer.state_dict(), rng=rng)
-            torch.save(state, ckpt_file + ".tmp")
-            os.replace(ckpt_file + ".tmp", ckpt_file)  # atomic: a kill mid-write leaves the previous checkpoint
-        if world > 1:
-            dist.barrier()
+    def make_batch(dataset, idx):  # samples -> a batch on the device
+        return to_device(collate_fn([dataset[i] for i in idx]), device)
 
-    def evaluate():
-        """Mean loss per target over eval_set, each process taking every world-th batch."""
-        model.eval()
-        sums = torch.zeros(2, device=device, dtype=torch.float64)
-        with torch.no_grad(), autocast:
-            for k in range(rank * cfg.micro_batch_size, len(eval_set), world * cfg.micro_batch_size):
-                batch = to_device(collate_fn([eval_set[i] for i in range(k, min(k + cfg.micro_batch_size, len(eval_set)))]), device)
-                s, n, _ = loss_fn(raw, batch)
-                sums += torch.stack([s.double(), torch.as_tensor(n, device=device).double()])
-        if world > 1:
-            dist.all_reduce(sums)
-        model.train()
-        return (sums[0] / sums[1].clamp(min=1)).item()
+    def eval_loss():
+        return evaluate(model, raw, eval_set, make_batch, loss_fn, cfg.micro_batch_size, autocast)
 
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
     if master:
-        print(f"training {sum(p.numel() for p in trainable.values()):,} parameters: {total} steps of {cfg.batch_size} samples "
-              f"({steps_per_epoch} steps/epoch), {world} process(es), {'bf16' if bf16 else 'fp32'} on {device.type}")
-    bar = tqdm(range(start, stop), initial=start, total=total, disable=not (master and cfg.progress), dynamic_ncols=True)
+        print(f"training {sum(p.numel() for p in trainable.values()):,} parameters: {total} steps of "
+              f"{cfg.batch_size} samples ({steps_per_epoch} steps/epoch), {world} process(es), "
+              f"{'bf16' if bf16 else 'fp32'} on {device.type}")
+    bar = tqdm(range(start, stop), initial=start, total=total, disable=not (master and cfg.progress),
+               dynamic_ncols=True)
     model.train()
     t_start, batches_epoch = time.time(), None
     for step in bar:
@@ -268,28 +221,13 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
         if epoch != batches_epoch:
             batches, batches_epoch = epoch_batches(len(train_set), cfg.batch_size, epoch, cfg.seed, lengths), epoch
         mine = batches[k][rank::world]
-        micro = [mine[i : i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
-        sums = torch.zeros(3, device=device, dtype=torch.float64)  # summed loss, targets, positions
-        for j, idx in enumerate(micro):
-            batch = to_device(collate_fn([train_set[i] for i in idx]), device)
-            # DDP averages gradients across processes at every backward; skip that until the last micro-batch
-            sync = nullcontext() if world == 1 or j == len(micro) - 1 else model.no_sync()
-            with sync:
-                with autocast:
-                    s, n, tokens = loss_fn(model, batch)
-                s.backward()
-            sums += torch.stack([s.detach().double(), torch.as_tensor(n, device=device).double(), torch.as_tensor(tokens, device=device).double()])
-        if world > 1:
-            dist.all_reduce(sums)
-        loss_sum, n_targets, n_tokens = sums.tolist()
-        loss = loss_sum / max(n_targets, 1)
+        micro = [mine[j : j + cfg.micro_batch_size] for j in range(0, len(mine), cfg.micro_batch_size)]
+        loss, n_tokens = backward(model, micro, partial(make_batch, train_set), loss_fn, autocast, world)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss} at step {step + 1} (lr {lr:.2e}); nothing was saved for this step")
-        # the gradients hold d(sum of losses)/dw, averaged over processes by DDP: make them d(mean)/dw
-        for p in trainable.values():
-            if p.grad is not None:
-                p.grad.mul_(world / max(n_targets, 1))
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            raise FloatingPointError(f"non-finite loss {loss} at step {step + 1} (lr {lr:.2e}); "
+                                     "nothing was saved for this step")
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(), max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -297,22 +235,110 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
         row = dict(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 4), loss=loss, lr=lr,
                    grad_norm=grad_norm.item(), tok_s=round(n_tokens / dt), time=round(time.time() - t_start, 2))
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", tok_s=f"{n_tokens / dt:,.0f}")
-        if eval_set is not None and len(eval_set) and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total):
-            row["eval_loss"] = evaluate()
+        eval_now = (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total
+        if eval_set is not None and len(eval_set) and eval_now:
+            row["eval_loss"] = eval_loss()
             if master:
                 bar.write(f"step {step + 1}: eval loss {row['eval_loss']:.4f}")
         log.append(row)
         if master:
             append_jsonl(log_file, row)
         if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-            save_checkpoint(step + 1)
+            save_checkpoint(ckpt_file, step + 1, run_id, trainable, optimizer)
     bar.close()
     if master and log:
         plot_losses(log, os.path.join(cfg.out_dir, "loss.png"))
         last = log[-1]
-        print(f"step {last['step']}/{total}: loss {last['loss']:.4f}" + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
+        print(f"step {last['step']}/{total}: loss {last['loss']:.4f}"
+              + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
               + f" ({time.time() - t_start:.1f}s)")
     return log
+
+
+def backward(model, micro_batches, make_batch, loss_fn, autocast, world):
+    """Forward and backward over this process's micro-batches (lists of sample indices) of one step; leaves
+    in each .grad the gradient of the global batch's mean loss. Returns (that mean loss, positions processed)."""
+    device = next(model.parameters()).device
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # summed loss, targets, positions
+    for j, idx in enumerate(micro_batches):
+        batch = make_batch(idx)
+        # DDP averages gradients across processes at every backward; skip that until the last micro-batch
+        sync = nullcontext() if world == 1 or j == len(micro_batches) - 1 else model.no_sync()
+        with sync:
+            with autocast:
+                s, n, tokens = loss_fn(model, batch)
+            s.backward()
+        sums += torch.stack([s.detach().double(), torch.as_tensor(n, device=device).double(),
+                             torch.as_tensor(tokens, device=device).double()])
+    if world > 1:
+        dist.all_reduce(sums)
+    loss_sum, n_targets, n_tokens = sums.tolist()
+    # the gradients hold d(sum of losses)/dw, averaged over processes by DDP: make them d(mean)/dw
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(world / max(n_targets, 1))
+    return loss_sum / max(n_targets, 1), n_tokens
+
+
+def evaluate(model, raw, eval_set, make_batch, loss_fn, micro_batch_size, autocast):
+    """Mean loss per target over eval_set, each process taking every world-th micro-batch. `model` (maybe
+    DDP) switches modes; the loss runs on `raw`, so no gradient sync is set up."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = next(raw.parameters()).device
+    model.eval()
+    sums = torch.zeros(2, device=device, dtype=torch.float64)
+    with torch.no_grad(), autocast:
+        for k in range(rank * micro_batch_size, len(eval_set), world * micro_batch_size):
+            s, n, _ = loss_fn(raw, make_batch(eval_set, range(k, min(k + micro_batch_size, len(eval_set)))))
+            sums += torch.stack([s.double(), torch.as_tensor(n, device=device).double()])
+    if world > 1:
+        dist.all_reduce(sums)
+    model.train()
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: atomic, and a resumed run continues bit-identically
+
+
+def save_checkpoint(file, step, run_id, trainable, optimizer):
+    """The trained weights, the optimizer and the RNG states after `step` (process 0 writes it)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        state = dict(step=step, run=run_id, model={n: p.detach() for n, p in trainable.items()},
+                     optimizer=optimizer.state_dict(), rng=rng)
+        torch.save(state, file + ".tmp")
+        os.replace(file + ".tmp", file)  # atomic: a kill mid-write leaves the previous checkpoint
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def resume(ckpt_file, log_file, run_id, trainable, optimizer, device, master):
+    """(step, metrics so far) from ckpt_file, loaded into the weights and optimizer; (0, []) if there is none."""
+    if not os.path.exists(ckpt_file):
+        if master:
+            print(f"--resume: no {ckpt_file} yet, starting from scratch")
+        return 0, []
+    ckpt = torch.load(ckpt_file, map_location=device, weights_only=False)
+    if ckpt["run"] != run_id:
+        raise InputError(f"{ckpt_file} belongs to a different run (steps, batch, seed, data size, length grouping "
+                         "or trained parameters differ)")
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(ckpt["model"][n])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if torch.cuda.is_available() and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    with open(log_file) as f:  # lines after the checkpoint were logged by the killed run: redo them
+        log = [r for r in map(json.loads, f) if r["step"] <= ckpt["step"]]
+    if master:
+        print(f"resumed {ckpt_file} at step {ckpt['step']}/{run_id['total']}")
+    return ckpt["step"], log
+
+
+# -----------------------------------------------------------------------------
+# Metrics and the loss plot
 
 
 def write_jsonl(file, rows):
@@ -349,105 +375,3 @@ def plot_losses(log, file, width=640, height=360):
     d.text((m, height - m + 8), f"step {steps[0]}", fill="black")
     d.text((width - m - 60, height - m + 8), f"step {steps[-1]}", fill="black")
     image.save(file)
-
-
-def freeze(model, trainable_parts):
-    """requires_grad=True exactly for the named parts of a TinyLlava ("vision", "projector", "llm"),
-    then print the table that shows it."""
-    parts = {"vision": model.vision_tower, "projector": model.multi_modal_projector, "llm": model.language_model}
-    unknown = set(trainable_parts) - parts.keys()
-    if unknown:
-        raise ValueError(f"unknown parts {sorted(unknown)}; parts are {sorted(parts)}")
-    for name, part in parts.items():
-        part.requires_grad_(name in trainable_parts)
-    print(parameter_table(model))
-
-
-# -----------------------------------------------------------------------------
-# What the two LLaVA stages share: the command line, the data sets, the run
-
-
-def stage_parser(doc):
-    """The flags both stages take; each script adds its own sources (--vision/--llm or --pt)."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="LLaVA-format JSON/JSONL file (default: the shapes data set, made if missing)")
-    parser.add_argument("--image-folder", help="folder the samples' image paths are relative to (default: the data file's)")
-    parser.add_argument("--max-len", type=int, default=None, help="max positions per sample, image patches included (default: the LLM's context)")
-    parser.add_argument("--eval-frac", type=float, default=0.02, help="fraction of the data held out for the eval loss")
-    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
-                        help="batch samples of similar length together: less padding (LLaVA-1.5 groups by modality and length)")
-    add_train_args(parser)
-    return parser
-
-
-def parse_stage_args(parser, argv, recipe, offline_recipe, is_offline):
-    """Parse with the stage's defaults: the published recipe for real weights, the offline one otherwise.
-    Flags given on the command line win over both."""
-    parser.set_defaults(**recipe)
-    args = parser.parse_args(argv)
-    if is_offline(args):
-        parser.set_defaults(**offline_recipe)
-        args = parser.parse_args(argv)
-    return args
-
-
-def image_settings(vision_dir):
-    """How images are prepared for this vision tower: its processor's size, mean and std, LLaVA-1.5's 'pad'."""
-    c = data.load_image_processor_config(vision_dir)
-    return dict(size=c.size, mean=list(c.mean), std=list(c.std), mode="pad")
-
-
-def llava_datasets(model, args, tokenizer):
-    """(train, eval) ConversationDatasets for `model`, with the template and image settings of model.chat.
-    Every round(1 / eval_frac)-th sample is held out for the eval loss."""
-    image = model.chat["image"]
-    context = args.max_len or model.language_model.config.max_position_embeddings
-    # the data path counts the image placeholder as one id; the model turns it into num_tokens positions
-    full = data.ConversationDataset(args.data, tokenizer, model.chat["template"], args.image_folder, image["size"], image["mean"],
-                               image["std"], image["mode"], max_len=context - model.vision_tower.num_tokens + 1)
-    k = round(1 / args.eval_frac) if args.eval_frac > 0 else len(full) + 1
-    held = [i for i in range(len(full)) if i % k == k - 1]
-    kept = [i for i in range(len(full)) if i % k != k - 1]
-    return torch.utils.data.Subset(full, kept), torch.utils.data.Subset(full, held)
-
-
-def run_stage(model, args, tokenizer):
-    """Train a TinyLlava whose trainable parts are already chosen; returns the metrics log."""
-    train_set, eval_set = llava_datasets(model, args, tokenizer)
-    print(f"{args.data}: {len(train_set)} training samples, {len(eval_set)} held out for the eval loss")
-    lengths = None
-    if args.group_by_length:  # positions in the LLM: the image placeholder stands for num_tokens of them
-        samples = [train_set.dataset.samples[i] for i in train_set.indices]
-        lengths = [len(s["input_ids"]) + (model.vision_tower.num_tokens - 1 if s["image"] else 0) for s in samples]
-    return train(model, train_set, partial(data.collate, pad_id=tokenizer.pad_id), llava_loss, train_config(args), eval_set, lengths)
-
-
-# -----------------------------------------------------------------------------
-# The hand-off from stage 1 to stage 2
-
-PROJECTOR_FILE = "projector.safetensors"
-
-
-def save_projector(model, path):
-    """Stage 1's result: the projector's weights, and a config.json naming the vision tower and LLM it was
-    trained against (a projector means nothing without the two spaces it maps between)."""
-    os.makedirs(path, exist_ok=True)
-    write_json(os.path.join(path, "config.json"), model.config)
-    tensors = {k: v for k, v in state_dict_for_save(model).items() if k.startswith("multi_modal_projector.")}
-    save_safetensors(tensors, os.path.join(path, PROJECTOR_FILE))
-
-
-def load_stage1(path, device=None):
-    """A TinyLlava rebuilt from stage 1's output: the same vision tower and LLM, the trained projector
-    (loaded strictly: every projector weight must be in the file)."""
-    from safetensors.torch import load_file
-
-    d = read_config(path)
-    sources = d.get("tinyllava_sources") or {}
-    if not {"vision", "llm"} <= sources.keys():
-        raise ValueError(f"{path}/config.json does not name the vision and LLM checkpoints (tinyllava_sources): is it train_pt.py's output?")
-    model = TinyLlava.from_parts(sources["vision"], sources["llm"], d["projector_type"], device=device)
-    tensors = load_file(os.path.join(path, PROJECTOR_FILE), device=str(device or "cpu"))
-    load_weights(model.multi_modal_projector, tensors, path, lambda k: k.removeprefix("multi_modal_projector."), device=device)
-    model.chat = dict(d.get("tinyllava_chat") or {})
-    return model

@@ -13,56 +13,72 @@ Real weights (see the README):
 """
 
 import os
-import sys
 
 import torch
+from safetensors.torch import load_file
 
+import chat
 import data
-import standins
 import train
-from tinyllava import evaluate
+import train_pt
+from offline import standins
+from tinyllava import InputError, TinyLlava, command_line, load_weights, read_config
 
 TRAINABLE = ("projector", "llm")  # frozen: vision
 # LLaVA-1.5's stage 2: lr 2e-5, no weight decay, warmup 3%, cosine, 1 epoch, batch 128, batches grouped by
 # length (its group_by_modality_length: conversations with and without an image differ by hundreds of positions)
-RECIPE = dict(lr=2e-5, weight_decay=0.0, warmup=0.03, epochs=1, batch_size=128, micro_batch_size=16, out_dir="runs/sft",
-              group_by_length=True)
-# offline: 2e-5 suits a large pretrained LLM; our 0.6M-parameter stand-in sees 4k conversations and
-# needs a lr closer to its own pretraining one (1.5e-3) to move at all. Measured, held-out exact match:
-# lr 5e-4 / 1e-3 / 2e-3 gave 91.0 / 90.8 / 90.5% in 2 epochs, and 4 epochs at 1e-3 92.5% (+55 s). Grouping
-# by length takes the padding of a batch from 32% to 1%: 113 s -> 77 s, and with today's stand-ins 95.0% ->
-# 95.5%. 6 epochs instead of 4 did no better (95.2%: the training loss fell to 0.012, the eval loss did not).
+RECIPE = dict(lr=2e-5, weight_decay=0.0, warmup=0.03, epochs=1, batch_size=128, micro_batch_size=16,
+              out_dir="runs/sft", group_by_length=True)
+# offline: 2e-5 suits a large pretrained LLM; our 0.6M-parameter stand-in sees 4k conversations and needs a
+# lr close to its own pretraining one (1.5e-3) to move at all (docs/results.md)
 OFFLINE = dict(RECIPE, lr=1e-3, epochs=4, batch_size=32, micro_batch_size=32, eval_every=100)
 OFFLINE_TEMPLATE = "chatml"  # the stand-in LLM was pretrained on chatml conversations
 
 
 def main(argv=None):
     """Run the stage; returns the trained model (the tests inspect it)."""
-    parser = train.stage_parser(__doc__)
+    parser = train_pt.stage_parser(__doc__)
     parser.add_argument("--pt", default="runs/pt", help="stage 1's output directory (projector + the checkpoints it names)")
     parser.add_argument("--template", help="the LLM's chat template: chatml (Qwen2, SmolLM2) or vicuna_v1 (Vicuna, Llama)")
-    args = train.parse_stage_args(parser, argv, RECIPE, OFFLINE, lambda a: a.data is None)
+    args = train_pt.parse_stage_args(parser, argv, RECIPE, OFFLINE, lambda a: a.data is None)
     offline = args.data is None
     if offline:
         args.data = os.path.join(standins.DATA_DIR, "instruct.json")
         args.template = args.template or OFFLINE_TEMPLATE
     elif args.template is None:
         parser.error("with your own data, give --template (chatml or vicuna_v1, as the LLM was tuned)")
+    data.get_template(args.template)  # an unknown name fails now, not after loading the models
 
     rank, _, device = train.init_distributed()
     torch.manual_seed(args.seed)
-    model = train.load_stage1(args.pt, device)
+    model = load_stage1(args.pt, device)
     model.chat["template"] = args.template
-    train.freeze(model, TRAINABLE)
+    train_pt.freeze(model, TRAINABLE)
     tokenizer = data.load_tokenizer(model.source_dir)
-    train.run_stage(model, args, tokenizer)
+    train_pt.run_stage(model, args, tokenizer)
     if rank == 0:
         model.save_pretrained(args.out_dir)
         print(f"stage 2: model saved to {args.out_dir}")
         if offline:
-            evaluate(args.out_dir, os.path.join(standins.DATA_DIR, "test.json"), device=device)
+            chat.evaluate(args.out_dir, os.path.join(standins.DATA_DIR, "test.json"), device=device)
+    return model
+
+
+def load_stage1(path, device=None):
+    """A TinyLlava rebuilt from stage 1's output: the same vision tower and LLM, the trained projector
+    (loaded strictly: every projector weight must be in the file)."""
+    d = read_config(path)
+    sources = d.get("tinyllava_sources") or {}
+    if not {"vision", "llm"} <= sources.keys():
+        raise InputError(f"{path}/config.json does not name the vision and LLM checkpoints (tinyllava_sources): "
+                         "is it train_pt.py's output?")
+    model = TinyLlava.from_parts(sources["vision"], sources["llm"], d["projector_type"], device=device)
+    tensors = load_file(os.path.join(path, train_pt.PROJECTOR_FILE), device=str(device or "cpu"))
+    load_weights(model.multi_modal_projector, tensors, path, lambda k: k.removeprefix("multi_modal_projector."),
+                 device=device)
+    model.chat = dict(d.get("tinyllava_chat") or {})
     return model
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    command_line(main)

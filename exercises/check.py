@@ -459,7 +459,7 @@ POLICY = {"pretrain": {"multi_modal_projector"}, "finetune": {"multi_modal_proje
 @exercise(4, "04_freezing", "set_stage", "the freezing policy of stage 1 and stage 2")
 def check_freezing(fn, c):
     try:
-        from train import freeze as pipeline_freeze
+        from train_pt import freeze as pipeline_freeze
     except ImportError:
         pipeline_freeze = None
     model = tiny_model()
@@ -475,12 +475,12 @@ def check_freezing(fn, c):
                 hint = "some parameters of this part are trainable and some are not: set every parameter of the part"
             c.check(f"[{stage}] {part}: {'trainable' if want else 'frozen'}", flags == {want},
                     expected=f"requires_grad={want} on every parameter", got=f"requires_grad values {sorted(flags)}", hint=hint)
-        if pipeline_freeze is not None:  # the training pipeline's own policy (train.freeze), when it is there
+        if pipeline_freeze is not None:  # the training pipeline's own policy (train_pt.freeze), when it is there
             ref = tiny_model()
             with contextlib.redirect_stdout(io.StringIO()):
                 pipeline_freeze(ref, {"pretrain": ["projector"], "finetune": ["projector", "llm"]}[stage])
             want = {n: p.requires_grad for n, p in ref.named_parameters()}
-            c.check(f"[{stage}] the same trainable parameters as the training pipeline's train.freeze",
+            c.check(f"[{stage}] the same trainable parameters as the training pipeline's train_pt.freeze",
                     want == {n: p.requires_grad for n, p in model.named_parameters()})
         table = tl.parameter_table(model)
         print("        the parameter table (tinyllava.parameter_table):")

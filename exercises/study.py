@@ -23,18 +23,20 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repository root
+import chat  # noqa: E402
 import check  # noqa: E402
 import data  # noqa: E402
-import standins  # noqa: E402
 import train  # noqa: E402
 import train_pt  # noqa: E402
 import train_sft  # noqa: E402
-from tinyllava import TinyLlava, evaluate_model, parameter_table, read_config  # noqa: E402
+from offline import standins  # noqa: E402
+from tinyllava import TinyLlava, command_line, parameter_table, read_config  # noqa: E402
 
 OUT = "runs/study"
 POOLING = ("patches36", "pool2x2")  # exercise 8's variants
@@ -52,13 +54,14 @@ def pooling_stage1(variant, args, device):
         pool = check.load_function(check.EXERCISES[8], args.solutions)
         model.multi_modal_projector = check.PooledProjector(pool, model.vision_tower.config.hidden_size,
                                                             model.language_model.config.hidden_size).to(device)
-    model.chat = dict(template=train_pt.TEMPLATE, image=train.image_settings(vision))
-    train.freeze(model, train_pt.TRAINABLE)
-    pt_args = train.parse_stage_args(train.stage_parser(""), [], train_pt.RECIPE, train_pt.OFFLINE, lambda a: True)
+    model.chat = asdict(data.ChatConfig(train_pt.TEMPLATE, train_pt.image_settings(vision)))
+    train_pt.freeze(model, train_pt.TRAINABLE)
+    pt_args = train_pt.parse_stage_args(train_pt.stage_parser(""), [], train_pt.RECIPE, train_pt.OFFLINE,
+                                        lambda a: True)
     pt_args.data = os.path.join(standins.DATA_DIR, "captions.json")
     pt_args.out_dir, pt_args.progress = os.path.join(args.out_dir, "pt"), args.progress
     t0 = time.time()
-    log = train.run_stage(model, pt_args, data.load_tokenizer(llm))
+    log = train_pt.run_stage(model, pt_args, data.load_tokenizer(llm))
     return model, dict(stage1_seconds_per_step=(time.time() - t0) / len(log), stage1_eval_loss=log[-1].get("eval_loss"))
 
 
@@ -74,34 +77,34 @@ def build(variant, args, device):
         model = TinyLlava.from_parts(pt["tinyllava_sources"]["vision"], pt["tinyllava_sources"]["llm"], pt["projector_type"], device=device)
         model.chat = dict(pt["tinyllava_chat"])
     else:
-        model = train.load_stage1(args.pt, device)
+        model = train_sft.load_stage1(args.pt, device)
     model.chat["template"] = train_sft.OFFLINE_TEMPLATE
     if variant == "lora":
-        train.freeze(model, ("projector",))
+        train_pt.freeze(model, ("projector",))
         add_lora = check.load_function(check.EXERCISES[10], args.solutions)
         add_lora(model.language_model, rank=args.rank, alpha=2 * args.rank, targets=tuple(args.targets))
         print(parameter_table(model))
     else:
-        train.freeze(model, train_sft.TRAINABLE)
+        train_pt.freeze(model, train_sft.TRAINABLE)
     return model, stage1
 
 
 def held_out_gap(model, tokenizer, test_file, image_gap):
     """Exercise 9's probe on the held-out questions, all of them in one batch."""
-    image = model.chat["image"]
-    ds = data.ConversationDataset(test_file, tokenizer, model.chat["template"], None, image["size"], image["mean"], image["std"], image["mode"])
+    settings = data.ChatConfig.from_dict(model.chat)
+    ds = data.ConversationDataset(test_file, tokenizer, settings.template, settings.image)
     batch = train.to_device(data.collate([ds[i] for i in range(len(ds))], tokenizer.pad_id), next(model.parameters()).device)
     return image_gap(model, batch)
 
 
 def main(argv=None):
-    parser = train.stage_parser(__doc__)
+    parser = train_pt.stage_parser(__doc__)
     parser.add_argument("variant", choices=["recipe", "skip-stage1", "lora", *POOLING])
     parser.add_argument("--pt", default="runs/pt", help="stage 1's output (train_pt.py)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 * rank)")
     parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="LoRA'd projections of every attention layer")
     parser.add_argument("--solutions", action="store_true", help="use the reference functions in exercises/solutions/")
-    args = train.parse_stage_args(parser, argv, train_sft.RECIPE, train_sft.OFFLINE, lambda a: True)
+    args = train_pt.parse_stage_args(parser, argv, train_sft.RECIPE, train_sft.OFFLINE, lambda a: True)
     name = args.variant + (f"-r{args.rank}-{'+'.join(t.removesuffix('_proj') for t in args.targets)}" if args.variant == "lora" else "")
     args.data = os.path.join(standins.DATA_DIR, "instruct.json")
     args.out_dir = os.path.join(OUT, name)
@@ -112,19 +115,19 @@ def main(argv=None):
     tokenizer = data.load_tokenizer(model.source_dir)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     t0 = time.time()
-    log = train.run_stage(model, args, tokenizer)
+    log = train_pt.run_stage(model, args, tokenizer)
     seconds = time.time() - t0
     steps = len(log)
     check.merge_lora(model.language_model)  # a plain LLM again
     if not isinstance(model.multi_modal_projector, check.PooledProjector):  # a pooled projector has no checkpoint format
         model.save_pretrained(args.out_dir)
     model.eval()
-    image = model.chat["image"]
+    settings = data.ChatConfig.from_dict(model.chat)
+    size = settings.image.size
     with torch.no_grad():
-        image_tokens = model.encode_images(torch.zeros(1, 3, image["size"], image["size"], device=device)).shape[1]
+        image_tokens = model.encode_images(torch.zeros(1, 3, size, size, device=device)).shape[1]
     t0 = time.time()
-    accuracy = evaluate_model(model, tokenizer, data.get_template(model.chat["template"]), image, test_file,
-                              os.path.join(args.out_dir, "answers.jsonl"))
+    accuracy = chat.evaluate_model(model, tokenizer, settings, test_file, os.path.join(args.out_dir, "answers.jsonl"))
     eval_seconds = time.time() - t0
     own, shuffled = held_out_gap(model, tokenizer, test_file, check.load_function(check.EXERCISES[9], args.solutions))
     print(f"image gap on the held-out questions: loss {own:.3f} with their own images, {shuffled:.3f} with another's")
@@ -139,4 +142,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    command_line(main)

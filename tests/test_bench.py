@@ -1,4 +1,4 @@
-"""Smoke test of bench.py: `--quick` builds both implementations on the same tiny random weights, passes
+"""Smoke test of tools/bench.py: `--quick` builds both implementations on the same tiny random weights, passes
 the parity check, times (and profiles) every row in fp32 and bf16, and writes a JSON report with every
 figure filled in.
 It proves the script runs end to end; it measures nothing (timings on toy shapes mean nothing).
@@ -23,7 +23,7 @@ def test_bench_quick_runs_checks_parity_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     # one thread: toy-sized ops gain nothing from more, and stay fast on a machine that is busy
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--repeats", "1", "--profile", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", "--quick", "--repeats", "1", "--profile", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -47,13 +47,12 @@ def test_bench_quick_runs_checks_parity_and_writes_json(tmp_path):
 
 
 def test_bench_refuses_bad_arguments():
-    proc = subprocess.run([sys.executable, "bench.py", "--dtype", "fp16"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", "--dtype", "fp16"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "unknown 'fp16'" in proc.stderr
 
 
 def test_bench_rows_take_prefixes_and_any_batch_size():
-    sys.path.insert(0, ROOT)
-    import bench
+    from tools import bench
 
     assert [r[0] for r in bench.plan(None)] == ["prefill-b1", "prefill-b8", "decode-b1", "decode-b8", "train-b8"]
     # inference before training (training changes the weights), smaller batches first
@@ -65,8 +64,7 @@ def test_bench_rows_take_prefixes_and_any_batch_size():
 
 
 def test_matmul_products_count_forward_and_the_backward_that_will_run():
-    sys.path.insert(0, ROOT)
-    import bench
+    from tools import bench
 
     frozen, first, second = torch.nn.Linear(3, 4), torch.nn.Linear(4, 5), torch.nn.Linear(5, 2)
     frozen.requires_grad_(False)  # like the vision tower: forward only

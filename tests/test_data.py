@@ -8,10 +8,10 @@ Proves that
   end tokens and nothing else; the image is a single -200, masked, at the start of the first human turn;
   the inference prompt is a prefix of the training ids; truncation never drops the image or all targets;
 - the masks survive the dataset and collate (padding with the pad id, -100, attention mask, pixel
-  stacking), and modality-grouped batches are pure and deterministic;
+  stacking);
 - hand-written image preprocessing matches transformers' CLIP and SigLIP processors (PIL backends),
   for pad / crop / squash and for L, LA, P, RGBA, CMYK and 16-bit images;
-- the shapes data set is deterministic and its gold answers agree with its metadata;
+- the shapes data set (offline/shapes.py) is deterministic and its gold answers agree with its metadata;
 - every kind of bad input fails with an error that names the file and the sample.
 
 Hermetic and CPU-only (tokenizers are trained here on a few sentences). Run from the repo root:
@@ -31,6 +31,7 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import data
+from offline import shapes, standins
 from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 CONV = [  # multi-turn, with the tag at the END of the first turn: it must be moved to the start
@@ -262,12 +263,12 @@ def test_preprocess_matches_transformers(tmp_path, kind):
         ref = transformers.SiglipImageProcessorPil
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
     ours, ref = data.load_image_processor_config(str(tmp_path)), ref.from_pretrained(str(tmp_path))
-    assert ours.native_mode == ("crop" if kind == "clip" else "squash")
+    assert ours.mode == ("crop" if kind == "clip" else "squash")
     worst = 0.0
     for w, h in [(70, 50), (50, 71), (64, 64), (300, 97)]:
         for mode, image in mode_variants(random_image(w, h, seed=w)).items():
             expected = ref(image, return_tensors="pt")["pixel_values"][0]
-            got = data.preprocess_image(image, ours.size, ours.mean, ours.std, mode=ours.native_mode)
+            got = data.preprocess_image(image, ours.size, ours.mean, ours.std, mode=ours.mode)
             assert got.shape == expected.shape == (3, ours.size, ours.size) and got.dtype == torch.float32
             worst = max(worst, (got - expected).abs().max().item())
             # "pad" is expand2square with the mean colour, then the encoder's own processor
@@ -293,11 +294,11 @@ def test_16bit_and_config_defaults(tmp_path):
     with pytest.raises(ValueError, match="pad"):
         data.preprocess_image(Image.new("RGB", (4, 4)), 4, data.CLIP_MEAN, data.CLIP_STD, "stretch")
     c = data.load_image_processor_config(str(tmp_path))  # nothing there: CLIP defaults
-    assert (c.size, c.mean, c.native_mode) == (224, data.CLIP_MEAN, "crop")
+    assert (c.size, c.mean, c.mode) == (224, data.CLIP_MEAN, "crop")
     (tmp_path / "config.json").write_text(json.dumps({"vision_config": {"model_type": "siglip_vision_model",
                                                                         "image_size": 384}}))
     c = data.load_image_processor_config(str(tmp_path))
-    assert (c.size, c.mean, c.std, c.native_mode) == (384, data.SIGLIP_MEAN, data.SIGLIP_STD, "squash")
+    assert (c.size, c.mean, c.std, c.mode) == (384, data.SIGLIP_MEAN, data.SIGLIP_STD, "squash")
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": 336, "crop_size": 336}))
     assert data.load_image_processor_config(str(tmp_path)).size == 336
 
@@ -327,7 +328,7 @@ def folder(tmp_path):
 
 @pytest.mark.parametrize("ext", ["json", "jsonl"])
 def test_dataset_to_batch_keeps_masks(folder, tok, ext):
-    ds = data.ConversationDataset(str(folder / f"train.{ext}"), tok, "vicuna_v1", image_size=16)
+    ds = data.ConversationDataset(str(folder / f"train.{ext}"), tok, "vicuna_v1", data.ImageConfig(16, data.CLIP_MEAN, data.CLIP_STD))
     assert len(ds) == 4 and ds.has_image == [True, False, True, False]
     item = ds[2]
     assert item["pixel_values"].shape == (3, 16, 16) and item["input_ids"].dtype == torch.long
@@ -364,19 +365,6 @@ def test_truncation_skips_are_counted(folder, tok, capsys):
     assert all(any(label != IGNORE_INDEX for label in s["labels"]) for s in ds.samples)
     assert f"skipped {len(ds.skipped)} of 4" in capsys.readouterr().out
 
-
-def test_modality_batches():
-    has_image = [i % 3 != 0 for i in range(50)]
-    sampler = data.ModalityBatchSampler(has_image, batch_size=4, seed=1)
-    batches = list(sampler)
-    assert len(batches) == len(sampler) == 9 + 5  # 33 image -> 9 batches, 17 text -> 5
-    assert sorted(i for b in batches for i in b) == list(range(50))
-    assert all(len({has_image[i] for i in b}) == 1 for b in batches)
-    assert batches == list(data.ModalityBatchSampler(has_image, batch_size=4, seed=1))
-    sampler.set_epoch(1)
-    assert list(sampler) != batches
-    dropped = list(data.ModalityBatchSampler(has_image, 4, seed=1, drop_last=True))
-    assert all(len(b) == 4 for b in dropped) and len(dropped) == 8 + 4
 
 # -----------------------------------------------------------------------------
 # viewer
@@ -435,7 +423,7 @@ def test_bad_inputs(tmp_path, tok):
 
 
 def gold(question, objects):
-    """Answer a test question from the metadata alone, independently of data.ask."""
+    """Answer a test question from the metadata alone, independently of shapes.ask."""
     have = lambda **kw: [o for o in objects if all(o[k] == v for k, v in kw.items())]  # noqa: E731
     if m := re.fullmatch(r"What color is the (\w+)\?", question):
         [o] = have(shape=m[1])
@@ -448,7 +436,7 @@ def gold(question, objects):
         return o["size"]
     if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
         [o] = have(color=m[1], shape=m[2])
-        return data.CELLS[o["cell"]]
+        return shapes.CELLS[o["cell"]]
     if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
         return str(len(have(color=m[1])))
     if m := re.fullmatch(r"How many (\w+)s are there\?", question):
@@ -459,20 +447,20 @@ def gold(question, objects):
 
 
 def test_make_shapes(tmp_path, tok):
-    counts = data.make_shapes(str(tmp_path / "a"), n_images=90, seed=3)
-    data.main(["make-shapes", str(tmp_path / "b"), "--n-images", "90", "--seed", "3"])
+    counts = shapes.make_shapes(str(tmp_path / "a"), n_images=90, seed=3)
+    shapes.main([str(tmp_path / "b"), "--n-images", "90", "--seed", "3"])
     files = ["captions.json", "instruct.json", "test.json", "meta.json"] + \
         ["images/" + f for f in sorted(os.listdir(tmp_path / "a" / "images"))]
     assert len(files) == 4 + 90 and sorted(os.listdir(tmp_path / "a")) == sorted(files[:4] + ["images"])
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
-    data.make_shapes(str(tmp_path / "c"), n_images=90, seed=4)
+    shapes.make_shapes(str(tmp_path / "c"), n_images=90, seed=4)
     assert (tmp_path / "a" / "meta.json").read_bytes() != (tmp_path / "c" / "meta.json").read_bytes()
 
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     objects = {m["image"]: m["objects"] for m in meta["images"]}
     test_images = {m["image"] for m in meta["images"] if m["split"] == "test"}
-    assert len(test_images) == counts["test"] == 9 and meta["cells"] == list(data.CELLS)
+    assert len(test_images) == counts["test"] == 9 and meta["cells"] == list(shapes.CELLS)
     for m in meta["images"]:
         assert 1 <= len(m["objects"]) <= 3 and len({o["cell"] for o in m["objects"]}) == len(m["objects"])
         with Image.open(tmp_path / "a" / m["image"]) as im:
@@ -480,7 +468,7 @@ def test_make_shapes(tmp_path, tok):
     test = json.loads((tmp_path / "a" / "test.json").read_text())
     for s in test:
         q, a = s["conversations"][0]["value"], s["conversations"][1]["value"]
-        assert s["image"] in test_images and s["type"] in data.QUESTION_KINDS
+        assert s["image"] in test_images and s["type"] in shapes.QUESTION_KINDS
         assert gold(q.removeprefix("<image>\n"), objects[s["image"]]) == a
     for name in ("captions", "instruct"):
         samples = json.loads((tmp_path / "a" / f"{name}.json").read_text())
@@ -488,7 +476,7 @@ def test_make_shapes(tmp_path, tok):
         for s in samples:
             if name == "captions":
                 for o in objects[s["image"]]:
-                    assert f"{o['size']} {o['color']} {o['shape']} at the {data.CELLS[o['cell']]}" in \
+                    assert f"{o['size']} {o['color']} {o['shape']} at the {shapes.CELLS[o['cell']]}" in \
                         s["conversations"][1]["value"]
             elif "image" in s:
                 for q, a in zip(s["conversations"][::2], s["conversations"][1::2]):
@@ -498,10 +486,11 @@ def test_make_shapes(tmp_path, tok):
     assert sum("image" not in s for s in instruct) == len(instruct) // 10
     for name in ("captions", "instruct", "test"):  # every file passes the dataset's checks
         ds = data.ConversationDataset(str(tmp_path / "a" / f"{name}.json"), tok,
-                                      "plain" if name == "captions" else "vicuna_v1", image_size=32)
+                                      "plain" if name == "captions" else "vicuna_v1",
+                                      data.ImageConfig(32, data.CLIP_MEAN, data.CLIP_STD))
         assert ds[0]["input_ids"].numel() > 0
-    assert "How many shapes are there?" in set(data.iter_texts(str(tmp_path / "a" / "test.json"))) | \
-        set(data.iter_texts(str(tmp_path / "a" / "instruct.json")))
+    assert "How many shapes are there?" in set(standins.iter_texts(str(tmp_path / "a" / "test.json"))) | \
+        set(standins.iter_texts(str(tmp_path / "a" / "instruct.json")))
 
 
 def test_hard_questions_ask_about_near_misses():
@@ -510,8 +499,8 @@ def test_hard_questions_ask_about_near_misses():
     for hard in (True, False):
         rng, near, noes = random.Random(0), 0, 0
         for _ in range(300):
-            objects = data.random_objects(rng)
-            for q, a in data.random_questions(objects, rng, n_turns=6, hard=hard):
+            objects = shapes.random_objects(rng)
+            for q, a in shapes.random_questions(objects, rng, n_turns=6, hard=hard):
                 assert q == "Describe the image." or gold(q, objects) == a
                 if a == "no" and (m := re.fullmatch(r"Is there a (\w+) (\w+)\?", q)):
                     noes += 1
@@ -524,7 +513,7 @@ def test_distinct_questions_are_never_repeated_in_a_conversation():
         rng = random.Random(0)
         n = 0
         for _ in range(300):
-            questions = [q for q, _ in data.random_questions(data.random_objects(rng), rng, n_turns=6, hard=True, distinct=distinct)]
+            questions = [q for q, _ in shapes.random_questions(shapes.random_objects(rng), rng, n_turns=6, hard=True, distinct=distinct)]
             assert len(questions) == 6
             n += len(questions) - len(set(questions))
         return n
@@ -535,6 +524,6 @@ def test_distinct_questions_are_never_repeated_in_a_conversation():
 def test_describe_sets_how_often_a_conversation_opens_with_a_caption():
     rng = random.Random(0)
     for describe, lo, hi in ((0.0, 0, 0), (0.1, 10, 40), (1.0, 200, 200)):
-        opens = sum(data.random_questions(data.random_objects(rng), rng, n_turns=3, describe=describe)[0][0] == "Describe the image."
+        opens = sum(shapes.random_questions(shapes.random_objects(rng), rng, n_turns=3, describe=describe)[0][0] == "Describe the image."
                     for _ in range(200))
         assert lo <= opens <= hi, (describe, opens)

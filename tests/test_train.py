@@ -6,7 +6,7 @@ stage 1's projector (loaded, not re-initialised); the held-out answers beat a gu
 the trained positions of a collated batch decode to exactly the answers; a killed run resumed from its
 last checkpoint ends bit-identical to an uninterrupted one; 2 gloo processes (torchrun) compute the same first gradient and
 losses as 1 process with the same global batch; batched (left-padded) answers equal one-by-one answers;
-`tinyllava.py chat --prompt` and `eval` work as commands; a non-finite loss stops training, naming the step;
+`chat.py chat --prompt` and `eval` work as commands; a non-finite loss stops training, naming the step;
 batches grouped by length cover the data once, in a resumable order, with little padding.
 
 Run: python -m pytest -q tests/test_train.py
@@ -28,11 +28,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
-import standins  # noqa: E402
 import train  # noqa: E402
 import train_pt  # noqa: E402
 import train_sft  # noqa: E402
-from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLlava, evaluate, shifted_cross_entropy  # noqa: E402
+from chat import evaluate  # noqa: E402
+from offline import shapes, standins  # noqa: E402
+from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TinyLlava, shifted_cross_entropy  # noqa: E402
 
 torch.set_num_threads(1)  # predictable on a shared 2-core CI machine
 QUIET = ["--no-progress"]
@@ -53,14 +54,14 @@ def pipeline(tmp_path_factory):
     """Stage 0 (stand-ins), stage 1 and stage 2 on 400 shapes images: small (about a minute), but every real
     code path, and enough training that the answers beat a blind guess (the LLM stand-in gets 1,000 steps)."""
     root = str(tmp_path_factory.mktemp("pipeline"))
-    shapes = os.path.join(root, "shapes")
-    data.make_shapes(shapes, n_images=400, size=standins.IMAGE_SIZE)
+    shapes_dir = os.path.join(root, "shapes")
+    shapes.make_shapes(shapes_dir, n_images=400, size=standins.IMAGE_SIZE)
     cpu = torch.device("cpu")
-    vision, _ = standins.train_vision(shapes, root, cpu, epochs=20, batch_size=32, micro_batch_size=32, progress=False)
-    llm = standins.train_llm(shapes, root, cpu, n_docs=8000, progress=False)
-    p = dict(root=root, shapes=shapes, vision=vision, llm=llm, pt=os.path.join(root, "pt"), sft=os.path.join(root, "sft"))
+    vision, _ = standins.train_vision(shapes_dir, root, cpu, epochs=20, batch_size=32, micro_batch_size=32, progress=False)
+    llm = standins.train_llm(shapes_dir, root, cpu, n_docs=8000, progress=False)
+    p = dict(root=root, shapes=shapes_dir, vision=vision, llm=llm, pt=os.path.join(root, "pt"), sft=os.path.join(root, "sft"))
     p["pt_model"] = train_pt.main(pt_args(p, p["pt"], "--epochs", "6", "--lr", "1e-2"))
-    p["sft_model"] = train_sft.main(["--pt", p["pt"], "--data", os.path.join(shapes, "instruct.json"), "--template", "chatml",
+    p["sft_model"] = train_sft.main(["--pt", p["pt"], "--data", os.path.join(shapes_dir, "instruct.json"), "--template", "chatml",
                                      "--out-dir", p["sft"], "--epochs", "4", "--lr", "1e-3", "--batch-size", "16",
                                      "--micro-batch-size", "16", *QUIET])
     return p
@@ -98,13 +99,13 @@ def test_frozen_parameters_are_bit_identical(pipeline):
     sft = TinyLlava.from_pretrained(pipeline["sft"])  # stage 2 froze the vision tower only
     assert same(sft.vision_tower, vision, "vision_model.")
     assert not same(sft.language_model, llm)
-    projector = load_file(os.path.join(pipeline["pt"], train.PROJECTOR_FILE))
+    projector = load_file(os.path.join(pipeline["pt"], train_pt.PROJECTOR_FILE))
     assert not same(sft.multi_modal_projector, projector, "multi_modal_projector.")
 
 
 def test_stage2_starts_from_the_stage1_projector(pipeline):
-    projector = load_file(os.path.join(pipeline["pt"], train.PROJECTOR_FILE))
-    model = train.load_stage1(pipeline["pt"])
+    projector = load_file(os.path.join(pipeline["pt"], train_pt.PROJECTOR_FILE))
+    model = train_sft.load_stage1(pipeline["pt"])
     for n, p in model.multi_modal_projector.named_parameters():
         assert torch.equal(p, projector["multi_modal_projector." + n])
     torch.manual_seed(0)
@@ -141,7 +142,7 @@ def test_batching_changes_no_answer(pipeline, tmp_path):
 def test_trained_positions_of_a_collated_batch_are_the_answers(pipeline):
     tok = data.load_tokenizer(pipeline["llm"])
     path = os.path.join(pipeline["shapes"], "instruct.json")
-    ds = data.ConversationDataset(path, tok, "chatml", image_size=standins.IMAGE_SIZE)
+    ds = data.ConversationDataset(path, tok, "chatml", standins.IMAGE)
     batch = partial(data.collate, pad_id=tok.pad_id)([ds[i] for i in range(12)])
     samples = {s["id"]: s for s in data.load_samples(path)}
     assert batch["input_ids"].shape == batch["labels"].shape and (batch["attention_mask"] == 0).any()  # padding present
@@ -161,7 +162,7 @@ def test_resume_after_kill_equals_uninterrupted_run(pipeline, tmp_path):
     train_pt.main(pt_args(pipeline, b, *args, "--save-every", "3", "--resume"))
     keys = ("step", "loss", "lr", "grad_norm", "eval_loss")
     assert [{k: r.get(k) for k in keys} for r in losses(a)] == [{k: r.get(k) for k in keys} for r in losses(b)]
-    pa, pb = (load_file(os.path.join(d, train.PROJECTOR_FILE)) for d in (a, b))
+    pa, pb = (load_file(os.path.join(d, train_pt.PROJECTOR_FILE)) for d in (a, b))
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
@@ -200,14 +201,14 @@ def test_ddp_two_processes_match_one(pipeline, tmp_path):
 def test_chat_and_eval_commands(pipeline, tmp_path):
     sample = data.load_samples(os.path.join(pipeline["shapes"], "test.json"))[0]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    chat = subprocess.run([sys.executable, "tinyllava.py", "chat", "--model", pipeline["sft"], "--device", "cpu",
+    chat = subprocess.run([sys.executable, "chat.py", "chat", "--model", pipeline["sft"], "--device", "cpu",
                            "--image", os.path.join(pipeline["shapes"], sample["image"]), "--prompt", "How many shapes are there?"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert chat.returncode == 0, chat.stderr[-3000:]
     reply = chat.stdout.split("assistant> ")[-1].strip()
     assert reply and "<|im_end|>" not in reply
     out = tmp_path / "answers.jsonl"
-    ev = subprocess.run([sys.executable, "tinyllava.py", "eval", "--model", pipeline["sft"], "--device", "cpu",
+    ev = subprocess.run([sys.executable, "chat.py", "eval", "--model", pipeline["sft"], "--device", "cpu",
                          "--data", os.path.join(pipeline["shapes"], "test.json"), "--batch-size", "16", "--out", str(out)],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert ev.returncode == 0, ev.stderr[-3000:]

@@ -20,8 +20,8 @@ exactly the same `from_pretrained` code as real CLIP / Llama weights:
           question about a scene given as word vectors; LLaVA's job is to teach the projector to produce
           such vectors from pixels. The held-out test images are never seen here.
 
-Run alone: python standins.py [--data-dir data/shapes] [--out-dir runs/standins]
-(train_pt.py runs it when the stand-ins are missing).
+Run alone: python -m offline.standins [--data-dir data/shapes] [--out-dir runs/standins]
+(train_pt.py runs it when the stand-ins are missing). What was tried to get here: docs/results.md.
 """
 
 import argparse
@@ -37,11 +37,14 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data
-from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LanguageModel, LMConfig, VisionConfig, VisionLayer, VisionTower, init_weights, padding_mask, trained_cross_entropy, write_json
+from offline import shapes
+from tinyllava import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, LanguageModel, LMConfig, VisionConfig, VisionLayer, VisionTower,
+                       command_line, init_weights, padding_mask, trained_cross_entropy, write_json)
 from train import TrainConfig, init_distributed, train
 
 DATA_DIR, OUT_DIR = "data/shapes", "runs/standins"
 N_IMAGES, IMAGE_SIZE = 4000, 48  # 3,600 training images + 400 held out; 48 px = 3 cells of 16 px
+IMAGE = data.ImageConfig(IMAGE_SIZE, data.CLIP_MEAN, data.CLIP_STD)  # as the CLIP processor saved below reads it
 
 VISION = VisionConfig(model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=16, hidden_size=96, intermediate_size=384,
                       num_hidden_layers=3, num_attention_heads=4, select_layer=-2)  # built: the 2 layers LLaVA uses
@@ -50,30 +53,13 @@ VISION_TRAIN = dict(lr=3e-3, epochs=8, batch_size=64, micro_batch_size=64, warmu
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # end of text (bos/eos/pad), chatml's turn markers
 LM = dict(model_type="llama", vocab_size=800, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
           num_key_value_heads=4, head_dim=32, max_position_embeddings=256, tie_word_embeddings=True)
-# Initial std of the LLM's matrices. GPT-2's 0.02 (tinyllava.init_weights) is ~0.55/sqrt(768), made for width
-# 768; at width 128 it keeps every attention logit near 0 for long, and the question -> grid cell lookup
-# the LLM must learn formed thousands of steps late: std 0.02 gave 49% held-out reading accuracy after
-# 6,000 steps, std 0.1 (~1/sqrt(128), the fan-in scale) 84% after 3,000.
+# Initial std of the LLM's matrices: GPT-2's 0.02 (tinyllava.init_weights) is ~0.55/sqrt(768), made for width
+# 768; at width 128 it keeps every attention logit near 0 for long, and the question -> grid cell lookup the
+# LLM must learn forms thousands of steps late. 0.1 is ~1/sqrt(128), the fan-in scale.
 LM_INIT_STD = 0.1
 LM_DOCS = 32_000  # pretraining documents, each about a freshly drawn scene: 4,000 steps of 8
 LM_TURNS = 6  # questions per pretraining conversation (see lm_documents)
-# Measured (held-out reading accuracy, 400 questions, one run each; seeds alone move it by several points):
-# lr 3e-3 and all text trained 78% (and 65% with another seed); lr 1.5e-3 85%; + weight decay 0.1 and std
-# 0.1 87%; + near-miss "is there" questions 91%; + loss on the replies only 92% (88% in a rerun), the yes/no
-# questions going from 85% (a colour-only match) to 98-100%. Those runs asked 4 questions per conversation
-# and read 87-92.5% (12 runs); with 6 (LM_TURNS, 10% plain captions instead of 20%): 94.5% and 92.75% (2
-# runs), 83.5-94.5% over 8 runs of it and its variants, for 1.3x the time. Plurals in the soft words: 98% and
-# 92% (2 runs), 95.5% in the pipeline. The low runs never learn to find a cell by its shape alone and answer
-# colour questions from the wrong object (72-84%). Not adopted: 5% captions (75%); 1-6 objects per scene
-# (88.75%, 91.25%); twice the position and count questions (83.5%); k_proj initialised equal to q_proj
-# (90.5%, 80.5%). lr 6e-3 or above stalled below 50%; 3 or 4 layers, width 192 or 256 and 8 heads did no
-# better in 4,000 steps; twice the documents in batches of 16 gained 3 to 5 points for twice the time.
-# Then no question repeated within a conversation (18% were repeats) and batches grouped by length (padding
-# 20% -> 1%; training 290 s -> 220 s): 96.0% in the pipeline run, and with seeds 1 and 2 96.25% and 85.5%.
-# Seed 2 stays low whatever else changes (84-90%: 3 layers, 8 heads of 16, lr 1e-3 or 2.5e-3, 48,000
-# documents; q/k std 0.2 71%): it answers "where is the blue square?" with the first object's cell. Its
-# initialisation decides, not its documents: initialisation 2 with documents 0 read 83.25%, the reverse
-# 93.5%. lr 2.5e-3 and 48,000 documents also lowered the other seeds (92.5%, 92.25%).
+# a from-scratch LM's recipe (nanoGPT's beta2 0.95, weight decay 0.1) at the highest lr that did not stall
 LM_TRAIN = dict(lr=1.5e-3, epochs=1, batch_size=8, micro_batch_size=8, warmup=0.02, weight_decay=0.1, beta2=0.95)
 
 # -----------------------------------------------------------------------------
@@ -82,10 +68,9 @@ LM_TRAIN = dict(lr=1.5e-3, epochs=1, batch_size=8, micro_batch_size=8, warmup=0.
 
 class CellClassifier(nn.Module):
     """The vision tower plus one linear head reading every patch: shape, colour, size of what is in its grid
-    cell, and which cell it is. Without that last target the features kept their position in a form the
-    projector could not read, so it could not write the cell's name into the soft word (measured: a
-    least-squares map from the features to the soft words decoded 11% of held-out cells, 98% with the
-    target). A real CLIP's patch features do carry their position."""
+    cell, and which cell it is. Without that last target the features keep their position in a form the
+    projector cannot read, so it cannot write the cell's name into the soft word. A real CLIP's patch
+    features do carry their position."""
 
     def __init__(self, tower, n_classes):
         super().__init__()
@@ -102,8 +87,8 @@ def cell_targets(objects, side=3):
     t = torch.zeros(9, 4, dtype=torch.long)
     t[:, 3] = torch.arange(9)
     for o in objects:
-        t[o["cell"]] = torch.tensor([data.SHAPES.index(o["shape"]) + 1, list(data.COLORS).index(o["color"]) + 1,
-                                     list(data.SIZES).index(o["size"]) + 1, o["cell"]])
+        t[o["cell"]] = torch.tensor([shapes.SHAPES.index(o["shape"]) + 1, list(shapes.COLORS).index(o["color"]) + 1,
+                                     list(shapes.SIZES).index(o["size"]) + 1, o["cell"]])
     row = torch.arange(side) * 3 // side  # the grid row (or column) that each row (or column) of patches lies in
     return t[(3 * row[:, None] + row[None, :]).flatten()]
 
@@ -121,8 +106,7 @@ def load_cells(data_dir, split, side=3):
     samples = []
     for m in meta["images"]:
         if m["split"] == split:
-            with data.Image.open(os.path.join(data_dir, m["image"])) as im:
-                pixels = data.preprocess_image(im, IMAGE_SIZE, data.CLIP_MEAN, data.CLIP_STD)
+            pixels = data.load_image(os.path.join(data_dir, m["image"]), IMAGE)
             samples.append(dict(pixel_values=pixels, labels=cell_targets(m["objects"], side)))
     return samples
 
@@ -139,7 +123,7 @@ def train_vision(data_dir, out_dir, device, patch_size=VISION.patch_size, **over
     if side % 3:
         raise ValueError(f"patch size {patch_size}: the {side}x{side} patch grid does not tile the 3x3 grid of cells")
     torch.manual_seed(0)
-    n_classes = [len(data.SHAPES) + 1, len(data.COLORS) + 1, len(data.SIZES) + 1, 9]
+    n_classes = [len(shapes.SHAPES) + 1, len(shapes.COLORS) + 1, len(shapes.SIZES) + 1, 9]
     model = CellClassifier(VisionTower(config), n_classes).to(device)
     train_set, test_set = load_cells(data_dir, "train", side), load_cells(data_dir, "test", side)
     cfg = TrainConfig(**{**VISION_TRAIN, "out_dir": os.path.join(out_dir, "vision_train"), **overrides})
@@ -170,14 +154,14 @@ def attribute_words(tok):
     too; and for a shape its plural (" circles") where that is one token. Count questions name a colour in
     the singular ("how many red shapes") but a shape in the plural ("how many circles"): with the plural
     in the cell, both counts match the cell directly, and the lookup by shape gets as much practice as the
-    lookup by colour (measured below, at LM_TRAIN)."""
-    words = {w for cell in data.CELLS for w in cell.split()} | set(data.SIZES + data.COLORS + data.SHAPES) | {"empty"}
+    lookup by colour."""
+    words = {w for cell in shapes.CELLS for w in cell.split()} | set(shapes.SIZES + shapes.COLORS + shapes.SHAPES) | {"empty"}
     ids = {}
     for w in sorted(words):
         spaced, bare = tok.encode(" " + w), tok.encode(w)
         if len(spaced) != 1:
             raise ValueError(f"stand-in tokenizer: {' ' + w!r} is not a single token ({spaced}); enlarge the vocabulary")
-        plural = tok.encode(" " + w + "s") if w in data.SHAPES else []
+        plural = tok.encode(" " + w + "s") if w in shapes.SHAPES else []
         ids[w] = spaced + (bare if len(bare) == 1 else []) + (plural if len(plural) == 1 else [])
     return ids
 
@@ -187,9 +171,9 @@ def soft_scene(objects, words):
     list of token ids whose embeddings are *summed* into one input vector: the cell's name and what is in
     it ("top left large red circle", "center empty"). The LLM learns to read these sums, and stage 1 must
     teach the projector to produce such vectors from pixels: an image becomes words the LLM already knows."""
-    cells = [name.split() + ["empty"] for name in data.CELLS]
+    cells = [name.split() + ["empty"] for name in shapes.CELLS]
     for o in objects:
-        cells[o["cell"]] = data.CELLS[o["cell"]].split() + [o["size"], o["color"], o["shape"]]
+        cells[o["cell"]] = shapes.CELLS[o["cell"]].split() + [o["size"], o["color"], o["shape"]]
     return [[i for w in cell for i in words[w]] for cell in cells]
 
 
@@ -213,8 +197,8 @@ def lm_documents(data_dir, tok, n, seed=0):
     text-only chat (the data set's general questions). Trained as a chat model is: the targets are the
     replies (captions, answers and their end tokens, as tokenize_conversation marks them), the questions
     are only read. "Is there a ...?" asks about near misses (hard=True: a red square when there is a red
-    circle), which a colour-only or shape-only match gets wrong; without them the LLM never learnt to match
-    both (see LM_TRAIN). A conversation asks LM_TURNS questions about its scene, more than stage 2's 2 to 4:
+    circle), which a colour-only or shape-only match gets wrong; without them the LLM does not learn to
+    match both. A conversation asks LM_TURNS questions about its scene, more than stage 2's 2 to 4:
     the scene's 9 positions are read once for more answers; never the same question twice, since a repeat
     is answered by copying the earlier answer, not by reading the scene."""
     meta = json.load(open(os.path.join(data_dir, "meta.json")))
@@ -223,20 +207,27 @@ def lm_documents(data_dir, tok, n, seed=0):
     while len(docs) < n:
         kind, objects = rng.random(), None
         if kind < 0.1:
-            conversation, template = data.chat_turns(rng.sample(data.TEXT_FACTS, rng.randint(1, 2))), "chatml"
+            conversation, template = shapes.chat_turns(rng.sample(shapes.TEXT_FACTS, rng.randint(1, 2))), "chatml"
         else:
-            objects = data.random_objects(rng)
+            objects = shapes.random_objects(rng)
             if scene_key(objects) in held_out:
                 continue
             if kind < 0.2:
-                conversation, template = data.chat_turns([("", data.caption(objects))], image=True), "plain"
+                conversation, template = shapes.chat_turns([("", shapes.caption(objects))], image=True), "plain"
             else:
-                qas = data.random_questions(objects, rng, n_turns=LM_TURNS, hard=True, describe=0.1, distinct=True)
-                conversation, template = data.chat_turns(qas, image=True), "chatml"
+                qas = shapes.random_questions(objects, rng, n_turns=LM_TURNS, hard=True, describe=0.1, distinct=True)
+                conversation, template = shapes.chat_turns(qas, image=True), "chatml"
         ids, labels = data.tokenize_conversation(conversation, tok, template)
         # every document ends with a trained end token: the model learns where text stops
         docs.append(soft_document(ids + [tok.eos_id], labels + [tok.eos_id], objects, words))
     return docs
+
+
+def iter_texts(path):
+    """Every message of a data file, without the image tag: the tokenizer's training text."""
+    for s in data.load_samples(path):
+        for t in s["conversations"]:
+            yield t["value"].replace(data.IMAGE_TAG, "").strip()
 
 
 def train_tokenizer(texts, path, vocab_size):
@@ -310,7 +301,7 @@ def train_llm(data_dir, out_dir, device, n_docs=LM_DOCS, **overrides):
     path = os.path.join(out_dir, "llm")
     # the tokenizer learns the data set's words, and the chat template's (weighted so they become whole
     # tokens, as "assistant" after <|im_start|> is one token in Qwen2's tokenizer)
-    texts = list(data.iter_texts(os.path.join(data_dir, "instruct.json"))) + list(data.iter_texts(os.path.join(data_dir, "captions.json")))
+    texts = list(iter_texts(os.path.join(data_dir, "instruct.json"))) + list(iter_texts(os.path.join(data_dir, "captions.json")))
     texts += ["system user assistant empty " + data.TEMPLATES["chatml"].system] * 2000
     texts += ["<|im_start|>system\n<|im_start|>user\n<|im_start|>assistant\n"] * 2000
     tok = train_tokenizer(texts, path, LM["vocab_size"])
@@ -338,7 +329,7 @@ def train_llm(data_dir, out_dir, device, n_docs=LM_DOCS, **overrides):
 def ensure_shapes(data_dir=DATA_DIR, n_images=N_IMAGES):
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
         t0 = time.time()
-        counts = data.make_shapes(data_dir, n_images=n_images, size=IMAGE_SIZE)
+        counts = shapes.make_shapes(data_dir, n_images=n_images, size=IMAGE_SIZE)
         print(f"made the shapes data set in {data_dir} ({time.time() - t0:.1f}s): {counts}")
     return data_dir
 
@@ -356,10 +347,14 @@ def ensure_standins(data_dir=DATA_DIR, out_dir=OUT_DIR, force=False, **overrides
     return vision, llm
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description="stage 0: pretrain the offline stand-in vision tower and LLM")
     parser.add_argument("--data-dir", default=DATA_DIR)
     parser.add_argument("--out-dir", default=OUT_DIR)
     parser.add_argument("--force", action="store_true", help="retrain even if the stand-ins exist")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     ensure_standins(ensure_shapes(args.data_dir), args.out_dir, args.force)
+
+
+if __name__ == "__main__":
+    command_line(main)

@@ -1,14 +1,14 @@
 """
-bench.py: tinyllava against transformers' LlavaForConditionalGeneration, on the same weights, with MFU.
+tools/bench.py: tinyllava against transformers' LlavaForConditionalGeneration, on the same weights, with MFU.
 
-    python bench.py                          # CPU, realistic shapes, random weights (nothing is downloaded)
-    python bench.py --quick                  # tiny shapes, a few seconds (tests/test_bench.py runs this)
-    python bench.py --device cuda --json bench.json
-    python bench.py --model DIR              # a LLaVA checkpoint (transformers' layout or ours)
-    python bench.py --vision DIR --llm DIR   # a CLIP/SigLIP + a Llama/Qwen2 checkpoint, random projector
-    python bench.py --rows decode,train-b8 --dtype fp32
-    python bench.py --device cuda --dtype bf16 --rows train-b64 --compile   # any batch size; torch.compile
-    python bench.py --device cuda --rows train --profile   # + where tinyllava's time goes: kernels, GPU busy
+    python -m tools.bench                          # CPU, realistic shapes, random weights (nothing is downloaded)
+    python -m tools.bench --quick                  # tiny shapes, a few seconds (tests/test_bench.py runs this)
+    python -m tools.bench --device cuda --json bench.json
+    python -m tools.bench --model DIR              # a LLaVA checkpoint (transformers' layout or ours)
+    python -m tools.bench --vision DIR --llm DIR   # a CLIP/SigLIP + a Llama/Qwen2 checkpoint, random projector
+    python -m tools.bench --rows decode,train-b8 --dtype fp32
+    python -m tools.bench --device cuda --dtype bf16 --rows train-b64 --compile   # any batch size; torch.compile
+    python -m tools.bench --device cuda --rows train --profile   # + where tinyllava's time goes: kernels, GPU busy
 
 The default model is a CLIP-B/16-224-shaped vision tower and a SmolLM2-135M-shaped Llama decoder (GQA,
 tied embeddings) joined by an mlp2x_gelu projector: transformers builds it with random weights, and

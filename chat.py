@@ -1,0 +1,205 @@
+"""
+Talk to a trained tinyllava, or score it: the layer above the model (tinyllava.py) and the data path (data.py).
+
+    python chat.py chat --model runs/sft --image data/shapes/images/03600.png [--prompt "What color is the circle?"]
+    python chat.py eval --model runs/sft --data data/shapes/test.json [--out answers.jsonl]
+
+The prompt is built by data.py's template code, the very code that built the training data, and the image
+is prepared with the settings the model was trained with (its config.json's `tinyllava_chat`).
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+import data
+from tinyllava import InputError, TinyLlava, command_line
+
+
+def load_for_inference(path, device=None, template=None):
+    """(model, tokenizer, data.ChatConfig) from a checkpoint written by train_sft.py. A LLaVA checkpoint from
+    elsewhere works too, given a template (its images then use its preprocessor_config.json, padded)."""
+    model = TinyLlava.from_pretrained(path, device=device).eval()
+    tokenizer = data.load_tokenizer(path)
+    settings = dict(model.chat)
+    settings["template"] = template or settings.get("template")
+    if settings["template"] is None:
+        raise InputError(f"{path}/config.json names no conversation template (tinyllava_chat): pass --template")
+    data.get_template(settings["template"])  # an unknown name fails here, naming it
+    if "image" not in settings:
+        c = data.load_image_processor_config(path)
+        settings["image"] = dict(size=c.size, mean=c.mean, std=c.std, mode="pad")
+    return model, tokenizer, data.ChatConfig.from_dict(settings)
+
+
+def stop_ids(model, tokenizer, template):
+    """Token ids that end an answer: the template's end token and the LLM's own end tokens."""
+    template = data.get_template(template)
+    eos = model.language_model.config.eos_token_id
+    ids = {tokenizer.eos_id if template.end is None else tokenizer.token_to_id(template.end)}
+    ids |= set([eos] if isinstance(eos, int) else eos or [])
+    return sorted(i for i in ids if i is not None)
+
+
+def answer_batch(model, tokenizer, prompts, pixel_values, stop, max_new_tokens=32):
+    """Greedy answers (strings) to a batch of prompts (lists of ids, -200 where the image goes);
+    pixel_values (n_img, 3, H, W) for the prompts that have an image, in order, or None.
+
+    The prompts are LEFT-padded: each generated token is appended in one column for the whole batch,
+    so every prompt must end in that same column. (Training pads on the right, where nothing follows.)"""
+    device = model.language_model.lm_head.weight.device
+    T = max(map(len, prompts))
+    ids = torch.full((len(prompts), T), 0, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p) :], mask[i, T - len(p) :] = torch.tensor(p), 1
+    pixel_values = None if pixel_values is None else pixel_values.to(device)
+    out = model.generate(ids.to(device), pixel_values, mask.to(device), max_new_tokens, eos_token_id=stop)
+    answers = []
+    for row in out.tolist():
+        row = row[: next((k for k, t in enumerate(row) if t in stop), len(row))]  # cut at the first end token
+        answers.append(tokenizer.decode(row).strip())
+    return answers
+
+
+def normalize(text):
+    """Exact match ignores case, punctuation and spacing: 'Red.' == 'red'."""
+    return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
+
+
+def evaluate(model_dir, data_file, image_folder=None, batch_size=64, out=None, device=None, template=None,
+             max_new_tokens=32):
+    """Answer the last human turn of every sample by greedy generation; print exact-match accuracy,
+    overall and per "type" when the samples have one; write the answers as JSONL (default: into model_dir).
+    Returns the accuracies."""
+    model, tokenizer, settings = load_for_inference(model_dir, device, template)
+    out = out or os.path.join(model_dir, "answers.jsonl")
+    return evaluate_model(model, tokenizer, settings, data_file, out, image_folder=image_folder,
+                          batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+
+def evaluate_model(model, tokenizer, settings, data_file, out, image_folder=None, batch_size=64, max_new_tokens=32):
+    """evaluate() for a model already in memory, talked to as data.ChatConfig `settings` says."""
+    stop = stop_ids(model, tokenizer, settings.template)
+    folder = image_folder or os.path.dirname(os.path.abspath(data_file))
+    samples = data.load_samples(data_file)
+    rows = []
+    for k in range(0, len(samples), batch_size):
+        prompts, pixels = [], []
+        for s in samples[k : k + batch_size]:
+            prompt, pixel_values = question(s, data_file, folder, tokenizer, settings)
+            prompts.append(prompt)
+            pixels += [] if pixel_values is None else [pixel_values]
+        pixels = torch.stack(pixels) if pixels else None
+        answers = answer_batch(model, tokenizer, prompts, pixels, stop, max_new_tokens)
+        for s, a in zip(samples[k : k + batch_size], answers):
+            ref = s["conversations"][-1]["value"]
+            rows.append(dict(id=s["id"], type=s.get("type"), question=s["conversations"][-2]["value"], answer=ref,
+                             prediction=a, correct=normalize(a) == normalize(ref)))
+    with open(out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    accuracy = {"all": sum(r["correct"] for r in rows) / max(1, len(rows))}
+    for t in sorted({r["type"] for r in rows if r["type"] is not None}):
+        group = [r["correct"] for r in rows if r["type"] == t]
+        accuracy[t] = sum(group) / len(group)
+    print(f"exact match on {len(rows)} questions of {data_file}:")
+    for t, a in accuracy.items():
+        group = [r["correct"] for r in rows if t == "all" or r["type"] == t]
+        print(f"  {t:<10} {a:7.1%}  ({sum(group)}/{len(group)})")
+    print(f"answers written to {out}")
+    return accuracy
+
+
+def question(sample, data_file, folder, tokenizer, settings):
+    """(prompt ids, pixels (3, H, W) or None) of an evaluation sample: all turns but the reference answer."""
+    convs = sample["conversations"]
+    where = f"{data_file}: sample {sample['id']}"
+    if convs[-1]["from"] != "gpt":
+        raise data.DataError(f"{where}: the last turn must be the reference answer (from gpt)")
+    pixel_values = None
+    if "image" in sample:
+        convs = data.with_image_tag(convs)
+        file = os.path.join(folder, sample["image"])
+        try:
+            pixel_values = data.load_image(file, settings.image)
+        except OSError as e:
+            raise data.DataError(f"{where}: cannot read image {file}: {e}") from None
+    try:
+        return data.build_prompt(convs[:-1], tokenizer, settings.template), pixel_values
+    except ValueError as e:
+        raise data.DataError(f"{where}: {e}") from None
+
+
+def chat(model_dir, image_file=None, prompt=None, device=None, template=None, max_new_tokens=256, temperature=0.0):
+    """A multi-turn conversation in the terminal (one turn with `prompt`), answers streamed token by token."""
+    model, tokenizer, settings = load_for_inference(model_dir, device, template)
+    stop = stop_ids(model, tokenizer, settings.template)
+    device = model.language_model.lm_head.weight.device
+    pixel_values = None
+    if image_file is not None:
+        try:
+            pixel_values = data.load_image(image_file, settings.image)[None].to(device)
+        except OSError as e:
+            raise InputError(f"cannot read image {image_file}: {e}") from None
+    conversation = []
+    if prompt is None:
+        print("(an empty line or Ctrl-D ends the chat)")
+    while True:
+        try:
+            text = prompt if prompt is not None else input("user> ")
+        except EOFError:
+            text = ""
+        if not text.strip():
+            return conversation
+        if not conversation and pixel_values is not None:
+            text = data.image_first(text)
+        conversation.append({"from": "human", "value": text})
+        ids = torch.tensor([data.build_prompt(conversation, tokenizer, settings.template)], device=device)
+        print("assistant> ", end="", flush=True)
+        tokens, shown = [], ""
+        for t in model.stream(ids, pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
+                              eos_token_id=stop):
+            if t.item() in stop:
+                break
+            tokens.append(t.item())
+            text = tokenizer.decode(tokens)  # decode everything so far: a character may span several tokens
+            print(text[len(shown) :], end="", flush=True)
+            shown = text
+        print()
+        conversation.append({"from": "gpt", "value": shown.strip()})
+        if prompt is not None:
+            return conversation
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="tinyllava: chat with a trained model or evaluate it")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("chat", "eval"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", required=True, help="checkpoint directory (e.g. runs/sft)")
+        p.add_argument("--template", help="conversation template (default: the one the model was trained with)")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--max-new-tokens", type=int, default=256 if name == "chat" else 32)
+        if name == "chat":
+            p.add_argument("--image", help="image file to talk about")
+            p.add_argument("--prompt", help="ask this once and exit, instead of an interactive chat")
+            p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        else:
+            p.add_argument("--data", required=True,
+                           help="LLaVA-format JSON/JSONL; the last turn of each sample is the reference")
+            p.add_argument("--image-folder", help="default: the data file's folder")
+            p.add_argument("--batch-size", type=int, default=64)
+            p.add_argument("--out", help="answers JSONL (default: MODEL/answers.jsonl)")
+    args = parser.parse_args(argv)
+    if args.command == "chat":
+        chat(args.model, image_file=args.image, prompt=args.prompt, device=args.device, template=args.template,
+             max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    else:
+        evaluate(args.model, args.data, image_folder=args.image_folder, batch_size=args.batch_size, out=args.out,
+                 device=args.device, template=args.template, max_new_tokens=args.max_new_tokens)
+
+
+if __name__ == "__main__":
+    command_line(main)

@@ -1,0 +1,188 @@
+"""
+The synthetic shapes data set: a clean, learnable, offline image-question world for the offline pipeline.
+
+Each 3x3-grid image holds 1 to 3 coloured shapes, one per cell. make_shapes writes the images and four
+LLaVA-format files: captions (stage 1), multi-turn conversations (stage 2, 10% text-only), one held-out
+question per test image, and the objects of every image (meta.json). The same generator writes the
+stand-in LLM's pretraining text (offline/standins.py), always about freshly drawn scenes.
+
+Run: python -m offline.shapes data/shapes [--n-images 4000] [--size 48]
+"""
+
+import argparse
+import json
+import os
+import random
+import time
+
+from PIL import Image, ImageDraw
+
+from data import IMAGE_TAG
+from tinyllava import command_line
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLORS = ("red", "green", "blue", "yellow")
+SIZES = ("small", "large")
+RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 195, 20)}
+DIAMETER = {"small": 0.45, "large": 0.8}  # as a fraction of a grid cell: clearly apart, never overlapping
+CELLS = ("top left", "top center", "top right", "middle left", "center", "middle right",
+         "bottom left", "bottom center", "bottom right")  # a 3x3 grid, row by row: cell = 3 * row + col
+TEXT_FACTS = [("What color do you get by mixing red and yellow?", "orange"),
+              ("What color do you get by mixing blue and yellow?", "green"),
+              ("What color do you get by mixing red and blue?", "purple"),
+              ("What color do you get by mixing red and white?", "pink"),
+              ("How many sides does a triangle have?", "3"), ("How many sides does a square have?", "4"),
+              ("How many corners does a diamond have?", "4"), ("Which shape has no corners?", "circle"),
+              ("What color is grass?", "green"), ("What color is a banana?", "yellow"),
+              ("What color is the sky on a clear day?", "blue"), ("What color is a strawberry?", "red")]
+TEXT_FACTS += [(f"What is {a} plus {b}?", str(a + b)) for a in range(5) for b in range(5)]
+
+
+def draw_shapes(objects, size, rng):
+    """Objects {"shape", "color", "size", "cell"} on white, each jittered a little inside its own cell
+    (so they never overlap); drawn at 4x and box-downsampled so the edges are anti-aliased."""
+    S, cell = 4 * size, 4 * size / 3
+    image = Image.new("RGB", (S, S), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for o in objects:
+        r = DIAMETER[o["size"]] * cell / 2
+        slack = 0.5 * (cell / 2 - r)  # a little jitter, but centres stay well inside their cell
+        cx = (o["cell"] % 3 + 0.5) * cell + rng.uniform(-slack, slack)
+        cy = (o["cell"] // 3 + 0.5) * cell + rng.uniform(-slack, slack)
+        fill = RGB[o["color"]]
+        if o["shape"] == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif o["shape"] == "square":
+            draw.rectangle((cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r), fill=fill)
+        elif o["shape"] == "triangle":
+            draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    return image.reduce(4)
+
+
+def caption(objects):
+    """Objects in cell order: 'a large red circle at the top left and a small blue square at the center.'"""
+    parts = [f"a {o['size']} {o['color']} {o['shape']} at the {CELLS[o['cell']]}" for o in objects]
+    return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + "."
+
+
+def ask(kind, objects, rng, hard=False):
+    """One (question, answer) of a kind about the objects, or None if that kind would be ambiguous here.
+    hard=True asks "is there a ...?" about absent objects that share a colour or a shape with one that is
+    there, when possible: the questions that only a colour-and-shape match answers."""
+    count = lambda **kw: sum(all(o[k] == v for k, v in kw.items()) for o in objects)  # noqa: E731
+    unique = lambda *keys: [o for o in objects if count(**{k: o[k] for k in keys}) == 1]  # noqa: E731
+    if kind == "color" and unique("shape"):
+        o = rng.choice(unique("shape"))
+        return f"What color is the {o['shape']}?", o["color"]
+    if kind == "shape" and unique("color"):
+        o = rng.choice(unique("color"))
+        return f"What shape is the {o['color']} object?", o["shape"]
+    if kind in ("size", "position") and unique("color", "shape"):
+        o = rng.choice(unique("color", "shape"))
+        if kind == "size":
+            return f"Is the {o['color']} {o['shape']} small or large?", o["size"]
+        return f"Where is the {o['color']} {o['shape']}?", CELLS[o["cell"]]
+    if kind == "count":
+        which = rng.choice(["all", "color", "shape"])
+        if which == "color":
+            c = rng.choice(COLORS)
+            return f"How many {c} shapes are there?", str(count(color=c))
+        if which == "shape":
+            s = rng.choice(SHAPES)
+            return f"How many {s}s are there?", str(count(shape=s))
+        return "How many shapes are there?", str(len(objects))
+    if kind == "exists":
+        if rng.random() < 0.5:  # half the time ask about an object that is there
+            o = rng.choice(objects)
+            return f"Is there a {o['color']} {o['shape']}?", "yes"
+        absent = [(c, s) for c in COLORS for s in SHAPES if not count(color=c, shape=s)]
+        if hard:
+            absent = [(c, s) for c, s in absent if count(color=c) or count(shape=s)] or absent
+        c, s = rng.choice(absent)
+        return f"Is there a {c} {s}?", "no"
+    return None
+
+
+QUESTION_KINDS = ("color", "shape", "size", "position", "count", "exists")
+
+
+def random_objects(rng):
+    """1 to 3 objects of random shape, colour and size, each in its own grid cell, in cell order."""
+    cells = sorted(rng.sample(range(9), rng.randint(1, 3)))
+    return [dict(shape=rng.choice(SHAPES), color=rng.choice(COLORS), size=rng.choice(SIZES), cell=c) for c in cells]
+
+
+def random_questions(objects, rng, n_turns=None, hard=False, describe=0.2, distinct=False):
+    """The (question, answer) turns of one stage-2 conversation: n_turns (default 2 to 4), opening with a
+    caption with probability `describe`. hard: see ask(). distinct: never ask the same question twice in a
+    conversation (a repeated question is answered by copying the earlier answer, not by looking at the
+    image; with 6 turns about 1 to 3 objects, 18% of the questions were repeats)."""
+    qas = [("Describe the image.", caption(objects))] if rng.random() < describe else []
+    n_turns = n_turns or rng.randint(2, 4)
+    while len(qas) < n_turns:
+        qa = ask(rng.choice(QUESTION_KINDS), objects, rng, hard)
+        if qa and not (distinct and any(qa[0] == q for q, _ in qas)):
+            qas.append(qa)
+    return qas
+
+
+def make_shapes(out_dir, n_images=4000, seed=0, size=64, test_frac=0.1):
+    """Write images/*.png, captions.json (stage 1), instruct.json (stage 2), test.json (held-out
+    images, one short-answer question each) and meta.json (the objects of every image)."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    n_test = round(n_images * test_frac)
+    meta, captions, instruct, test = [], [], [], []
+    for i in range(n_images):
+        objects = random_objects(rng)
+        image = f"images/{i:05d}.png"
+        draw_shapes(objects, size, rng).save(os.path.join(out_dir, image))
+        split = "test" if i >= n_images - n_test else "train"
+        meta.append(dict(image=image, split=split, objects=objects))
+        if split == "test":  # cycle through the kinds so each is evaluated about equally often
+            kinds = QUESTION_KINDS[i % len(QUESTION_KINDS):] + QUESTION_KINDS
+            kind, (q, a) = next((k, qa) for k in kinds if (qa := ask(k, objects, rng)))
+            test.append(dict(id=f"test-{i:05d}", image=image, type=kind,
+                             conversations=chat_turns([(q, a)], image=True)))
+            continue
+        captions.append(dict(id=f"caption-{i:05d}", image=image, conversations=[
+            {"from": "human", "value": IMAGE_TAG}, {"from": "gpt", "value": caption(objects)}]))
+        qas = random_questions(objects, rng)
+        instruct.append(dict(id=f"instruct-{i:05d}", image=image, conversations=chat_turns(qas, image=True)))
+    for i in range(len(instruct) // 9):  # text-only: ~10% of stage 2, so the LLM keeps answering without images
+        instruct.append(dict(id=f"text-{i:05d}", conversations=chat_turns(rng.sample(TEXT_FACTS, rng.randint(1, 2)))))
+    rng.shuffle(instruct)
+    for name, samples in [("captions", captions), ("instruct", instruct), ("test", test)]:
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:  # one sample per line: greppable
+            f.write("[\n" + ",\n".join(json.dumps(s) for s in samples) + "\n]\n")
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(dict(size=size, shapes=SHAPES, colors=COLORS, sizes=SIZES, cells=CELLS, images=meta), f)
+    return dict(captions=len(captions), instruct=len(instruct), test=len(test))
+
+
+def chat_turns(qas, image=False):
+    """(question, answer) pairs -> LLaVA conversation turns; the image tag opens the first question."""
+    turns = []
+    for k, (q, a) in enumerate(qas):
+        turns += [{"from": "human", "value": (IMAGE_TAG + "\n" if image and k == 0 else "") + q},
+                  {"from": "gpt", "value": a}]
+    return turns
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="write the synthetic shapes data set")
+    parser.add_argument("out_dir")
+    parser.add_argument("--n-images", type=int, default=4000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    counts = make_shapes(args.out_dir, args.n_images, args.seed, args.size)
+    print(f"wrote {args.n_images} images to {args.out_dir} in {time.time() - t0:.1f}s: "
+          + ", ".join(f"{k}.json {v} samples" for k, v in counts.items()))
+
+
+if __name__ == "__main__":
+    command_line(main)
