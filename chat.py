@@ -1,11 +1,11 @@
 """
-Talk to a trained tinyllava, or score it: the layer above the model (tinyllava.py) and the data path (data.py).
+Talk to a trained tinyllava, or score it: the layer above the model (tinyllava.py) and data.py.
 
-    python chat.py chat --model runs/sft --image data/shapes/images/03600.png [--prompt "What color is the circle?"]
+    python chat.py chat --model runs/sft --image data/shapes/images/03600.png [--prompt TEXT]
     python chat.py eval --model runs/sft --data data/shapes/test.json [--out answers.jsonl]
 
-The prompt is built by data.py's template code, the very code that built the training data, and the image
-is prepared with the settings the model was trained with (its config.json's `tinyllava_chat`).
+The prompt is built by data.py's template code, the very code that built the training data, and the
+image is prepared with the settings the model was trained with (its config.json's `tinyllava_chat`).
 """
 
 import argparse
@@ -19,14 +19,15 @@ from tinyllava import InputError, TinyLlava, command_line
 
 
 def load_for_inference(path, device=None, template=None):
-    """(model, tokenizer, data.ChatConfig) from a checkpoint written by train_sft.py. A LLaVA checkpoint from
-    elsewhere works too, given a template (its images then use its preprocessor_config.json, padded)."""
+    """(model, tokenizer, data.ChatConfig) from a checkpoint written by train_sft.py. Another LLaVA
+    checkpoint works given a template; its images follow its preprocessor_config.json, padded."""
     model = TinyLlava.from_pretrained(path, device=device).eval()
     tokenizer = data.load_tokenizer(path)
     settings = dict(model.chat)
     settings["template"] = template or settings.get("template")
     if settings["template"] is None:
-        raise InputError(f"{path}/config.json names no conversation template (tinyllava_chat): pass --template")
+        raise InputError(f"{path}/config.json names no conversation template (tinyllava_chat): "
+                         "pass --template")
     data.get_template(settings["template"])  # an unknown name fails here, naming it
     if "image" not in settings:
         c = data.load_image_processor_config(path)
@@ -47,8 +48,8 @@ def answer_batch(model, tokenizer, prompts, pixel_values, stop, max_new_tokens=3
     """Greedy answers (strings) to a batch of prompts (lists of ids, -200 where the image goes);
     pixel_values (n_img, 3, H, W) for the prompts that have an image, in order, or None.
 
-    The prompts are LEFT-padded: each generated token is appended in one column for the whole batch,
-    so every prompt must end in that same column. (Training pads on the right, where nothing follows.)"""
+    The prompts are LEFT-padded: each generated token is appended in one column for the whole
+    batch, so every prompt must end in that column (training pads on the right: nothing follows)."""
     device = model.language_model.lm_head.weight.device
     T = max(map(len, prompts))
     ids = torch.full((len(prompts), T), 0, dtype=torch.long)
@@ -56,10 +57,12 @@ def answer_batch(model, tokenizer, prompts, pixel_values, stop, max_new_tokens=3
     for i, p in enumerate(prompts):
         ids[i, T - len(p) :], mask[i, T - len(p) :] = torch.tensor(p), 1
     pixel_values = None if pixel_values is None else pixel_values.to(device)
-    out = model.generate(ids.to(device), pixel_values, mask.to(device), max_new_tokens, eos_token_id=stop)
+    out = model.generate(ids.to(device), pixel_values, mask.to(device),
+                         max_new_tokens=max_new_tokens, eos_token_id=stop)
     answers = []
     for row in out.tolist():
-        row = row[: next((k for k, t in enumerate(row) if t in stop), len(row))]  # cut at the first end token
+        end = next((k for k, t in enumerate(row) if t in stop), len(row))  # the first end token
+        row = row[:end]
         answers.append(tokenizer.decode(row).strip())
     return answers
 
@@ -69,18 +72,19 @@ def normalize(text):
     return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
 
 
-def evaluate(model_dir, data_file, image_folder=None, batch_size=64, out=None, device=None, template=None,
-             max_new_tokens=32):
+def evaluate(model_dir, data_file, image_folder=None, batch_size=64, out=None, device=None,
+             template=None, max_new_tokens=32):
     """Answer the last human turn of every sample by greedy generation; print exact-match accuracy,
-    overall and per "type" when the samples have one; write the answers as JSONL (default: into model_dir).
-    Returns the accuracies."""
+    overall and per "type" when the samples have one; write the answers as JSONL (default: into
+    model_dir). Returns the accuracies."""
     model, tokenizer, settings = load_for_inference(model_dir, device, template)
     out = out or os.path.join(model_dir, "answers.jsonl")
-    return evaluate_model(model, tokenizer, settings, data_file, out, image_folder=image_folder,
+    return evaluate_model(model, tokenizer, settings, data_file, out=out, image_folder=image_folder,
                           batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 
-def evaluate_model(model, tokenizer, settings, data_file, out, image_folder=None, batch_size=64, max_new_tokens=32):
+def evaluate_model(model, tokenizer, settings, data_file, out, image_folder=None, batch_size=64,
+                   max_new_tokens=32):
     """evaluate() for a model already in memory, talked to as data.ChatConfig `settings` says."""
     stop = stop_ids(model, tokenizer, settings.template)
     folder = image_folder or os.path.dirname(os.path.abspath(data_file))
@@ -89,15 +93,18 @@ def evaluate_model(model, tokenizer, settings, data_file, out, image_folder=None
     for k in range(0, len(samples), batch_size):
         prompts, pixels = [], []
         for s in samples[k : k + batch_size]:
-            prompt, pixel_values = question(s, data_file, folder, tokenizer, settings)
+            prompt, pixel_values = question(s, data_file, folder, tokenizer=tokenizer,
+                                            settings=settings)
             prompts.append(prompt)
             pixels += [] if pixel_values is None else [pixel_values]
         pixels = torch.stack(pixels) if pixels else None
-        answers = answer_batch(model, tokenizer, prompts, pixels, stop, max_new_tokens)
+        answers = answer_batch(model, tokenizer, prompts, pixels, stop=stop,
+                               max_new_tokens=max_new_tokens)
         for s, a in zip(samples[k : k + batch_size], answers):
             ref = s["conversations"][-1]["value"]
-            rows.append(dict(id=s["id"], type=s.get("type"), question=s["conversations"][-2]["value"], answer=ref,
-                             prediction=a, correct=normalize(a) == normalize(ref)))
+            rows.append(dict(id=s["id"], type=s.get("type"),
+                             question=s["conversations"][-2]["value"], answer=ref, prediction=a,
+                             correct=normalize(a) == normalize(ref)))
     with open(out, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     accuracy = {"all": sum(r["correct"] for r in rows) / max(1, len(rows))}
@@ -113,7 +120,7 @@ def evaluate_model(model, tokenizer, settings, data_file, out, image_folder=None
 
 
 def question(sample, data_file, folder, tokenizer, settings):
-    """(prompt ids, pixels (3, H, W) or None) of an evaluation sample: all turns but the reference answer."""
+    """(prompt ids, pixels (3, H, W) or None) of an eval sample: all turns but the reference."""
     convs = sample["conversations"]
     where = f"{data_file}: sample {sample['id']}"
     if convs[-1]["from"] != "gpt":
@@ -132,8 +139,9 @@ def question(sample, data_file, folder, tokenizer, settings):
         raise data.DataError(f"{where}: {e}") from None
 
 
-def chat(model_dir, image_file=None, prompt=None, device=None, template=None, max_new_tokens=256, temperature=0.0):
-    """A multi-turn conversation in the terminal (one turn with `prompt`), answers streamed token by token."""
+def chat(model_dir, image_file=None, prompt=None, device=None, template=None, max_new_tokens=256,
+         temperature=0.0):
+    """A multi-turn chat in the terminal (one turn with `prompt`), answers streamed as they come."""
     model, tokenizer, settings = load_for_inference(model_dir, device, template)
     stop = stop_ids(model, tokenizer, settings.template)
     device = model.language_model.lm_head.weight.device
@@ -156,15 +164,16 @@ def chat(model_dir, image_file=None, prompt=None, device=None, template=None, ma
         if not conversation and pixel_values is not None:
             text = data.image_first(text)
         conversation.append({"from": "human", "value": text})
-        ids = torch.tensor([data.build_prompt(conversation, tokenizer, settings.template)], device=device)
+        prompt_ids = data.build_prompt(conversation, tokenizer, settings.template)
+        ids = torch.tensor([prompt_ids], device=device)
         print("assistant> ", end="", flush=True)
         tokens, shown = [], ""
-        for t in model.stream(ids, pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
-                              eos_token_id=stop):
+        for t in model.stream(ids, pixel_values, max_new_tokens=max_new_tokens,
+                              temperature=temperature, eos_token_id=stop):
             if t.item() in stop:
                 break
             tokens.append(t.item())
-            text = tokenizer.decode(tokens)  # decode everything so far: a character may span several tokens
+            text = tokenizer.decode(tokens)  # all so far: a character may span several tokens
             print(text[len(shown) :], end="", flush=True)
             shown = text
         print()
@@ -174,31 +183,36 @@ def chat(model_dir, image_file=None, prompt=None, device=None, template=None, ma
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="tinyllava: chat with a trained model or evaluate it")
+    parser = argparse.ArgumentParser(
+        description="tinyllava: chat with a trained model or evaluate it")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("chat", "eval"):
         p = sub.add_parser(name)
         p.add_argument("--model", required=True, help="checkpoint directory (e.g. runs/sft)")
-        p.add_argument("--template", help="conversation template (default: the one the model was trained with)")
+        p.add_argument("--template",
+                       help="conversation template (default: the one the model was trained with)")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--max-new-tokens", type=int, default=256 if name == "chat" else 32)
         if name == "chat":
             p.add_argument("--image", help="image file to talk about")
-            p.add_argument("--prompt", help="ask this once and exit, instead of an interactive chat")
+            p.add_argument("--prompt",
+                           help="ask this once and exit, instead of an interactive chat")
             p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         else:
-            p.add_argument("--data", required=True,
-                           help="LLaVA-format JSON/JSONL; the last turn of each sample is the reference")
+            p.add_argument("--data", required=True, help="LLaVA-format JSON/JSONL; "
+                           "the last turn of each sample is the reference")
             p.add_argument("--image-folder", help="default: the data file's folder")
             p.add_argument("--batch-size", type=int, default=64)
             p.add_argument("--out", help="answers JSONL (default: MODEL/answers.jsonl)")
     args = parser.parse_args(argv)
     if args.command == "chat":
-        chat(args.model, image_file=args.image, prompt=args.prompt, device=args.device, template=args.template,
-             max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        chat(args.model, image_file=args.image, prompt=args.prompt, device=args.device,
+             template=args.template, max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature)
     else:
-        evaluate(args.model, args.data, image_folder=args.image_folder, batch_size=args.batch_size, out=args.out,
-                 device=args.device, template=args.template, max_new_tokens=args.max_new_tokens)
+        evaluate(args.model, args.data, image_folder=args.image_folder, batch_size=args.batch_size,
+                 out=args.out, device=args.device, template=args.template,
+                 max_new_tokens=args.max_new_tokens)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,20 @@ A sample is a conversation, optionally about one image:
      "conversations": [{"from": "human", "value": "<image>\\nWhat is the cat doing?"},
                        {"from": "gpt",   "value": "Sleeping on a sofa."}]}
 
-1. A conversation template (plain, vicuna_v1, chatml) writes the turns out as text with role markers.
+1. A conversation template (plain, vicuna_v1, chatml) writes the turns out as text with role marks.
 2. The text is tokenized segment by segment, so every token is born knowing whether it is trained.
    Two conventions, shared with tinyllava.py and with the original LLaVA:
-   - `<image>` becomes ONE id, IMAGE_TOKEN_INDEX = -200. No real token has a negative id, so it cannot
-     collide with text; the model later replaces it by the image's N patch embeddings.
-   - labels are the input ids where the model should learn to predict the token, and IGNORE_INDEX = -100
-     everywhere else (system prompt, user turns, role markers, image, padding). -100 is the value
-     PyTorch's cross-entropy skips by default. Labels are aligned with the ids; the model shifts them.
+   - `<image>` becomes ONE id, IMAGE_TOKEN_INDEX = -200. No real token has a negative id, so it
+     cannot collide with text; the model later replaces it by the image's N patch embeddings.
+   - labels are the ids where the model should learn to predict the token, IGNORE_INDEX = -100
+     everywhere else (system prompt, user turns, role markers, image, padding): -100 is the value
+     PyTorch's cross-entropy skips by default. Labels align with the ids; the model shifts them.
 3. The image is converted to RGB, padded to a square (or cropped), resized and normalised by hand,
    exactly as the encoder's own HF image processor would (tests check this against transformers).
 4. A dataset reads the JSON lazily (images are opened in __getitem__), and `collate` pads a batch.
 
-Also here: a mask viewer (`python data.py show ...`) to *see* which tokens are trained. The synthetic
-shapes data set that the offline pipeline trains on lives apart, in offline/shapes.py.
+Also here: a mask viewer (`python data.py show ...`) to *see* which tokens are trained. The
+synthetic shapes data set that the offline pipeline trains on lives apart, in offline/shapes.py.
 """
 
 import argparse
@@ -67,7 +67,8 @@ class Tokenizer:
     """
 
     def __init__(self, tok, bos_id, eos_id, pad_id, add_bos):
-        self.tok, self.bos_id, self.eos_id, self.pad_id, self.add_bos = tok, bos_id, eos_id, pad_id, add_bos
+        self.tok, self.add_bos = tok, add_bos
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         # SentencePiece-style tokenizers (Llama 2) put a space marker in front of every text they
         # encode; for them a segment " answer" must be encoded as "answer" or it gets two spaces.
         self.prefix_space = tok.encode("a", add_special_tokens=False).tokens[0].startswith("\u2581")
@@ -97,14 +98,18 @@ def load_tokenizer(path):
     """Load tokenizer.json from a checkpoint folder and find BOS/EOS/PAD.
 
     Token strings come from tokenizer_config.json / special_tokens_map.json (plain strings or
-    {"content": ...} dicts); ids from config.json (or its text_config) / generation_config.json fill gaps.
-    Without a pad token we pad with EOS (else UNK, else 0): padding is masked everywhere, any id works.
+    {"content": ...} dicts); ids from config.json (or its text_config) and generation_config.json
+    fill gaps. No pad token: we pad with EOS (else UNK, else 0); padding is masked, any id works.
     """
-    tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise InputError(f"no tokenizer.json in {path!r}")
+    tok = tokenizers.Tokenizer.from_file(file)
     cfg = {**_read_json(os.path.join(path, "special_tokens_map.json")),
            **_read_json(os.path.join(path, "tokenizer_config.json"))}
     model_cfg = _read_json(os.path.join(path, "config.json"))
-    model_cfg = {**model_cfg.get("text_config", model_cfg), **_read_json(os.path.join(path, "generation_config.json"))}
+    model_cfg = {**model_cfg.get("text_config", model_cfg),
+                 **_read_json(os.path.join(path, "generation_config.json"))}
 
     def special(name):
         token = cfg.get(f"{name}_token")
@@ -112,7 +117,7 @@ def load_tokenizer(path):
         tid = tok.token_to_id(token) if token else None
         if tid is None:
             tid = model_cfg.get(f"{name}_token_id")
-            tid = tid[0] if isinstance(tid, list) else tid  # eos can be a list; the first is the canonical one
+            tid = tid[0] if isinstance(tid, list) else tid  # eos may be a list: take the first
         return tid
 
     bos, eos, pad, unk = special("bos"), special("eos"), special("pad"), special("unk")
@@ -121,7 +126,8 @@ def load_tokenizer(path):
     add_bos = cfg.get("add_bos_token")
     if add_bos is None:
         add_bos = bos is not None and tok.encode("a").ids[:1] == [bos]
-    return Tokenizer(tok, bos, eos, pad, bool(add_bos and bos is not None))
+    return Tokenizer(tok, bos_id=bos, eos_id=eos, pad_id=pad,
+                     add_bos=bool(add_bos and bos is not None))
 
 # -----------------------------------------------------------------------------
 # Conversation templates: how turns are written out as text
@@ -130,26 +136,26 @@ def load_tokenizer(path):
 @dataclass(frozen=True)
 class Template:
     name: str
-    system: str              # default system prompt, used when the conversation brings none ("" = none)
+    system: str              # default system prompt, when the conversation brings none ("" = none)
     system_fmt: str          # how a system prompt is written
     user_fmt: str            # a user turn, ending with the cue that hands over to the assistant
     answer_fmt: str          # an assistant answer: these tokens are trained
-    end: str | None          # token closing every answer, also trained so the model learns to stop; None = EOS
+    end: str | None          # closes every answer, trained so the model learns to stop; None = EOS
     after_end: str = ""      # text after the end token (not trained), e.g. chatml's newline
-    keep_user_text: bool = True  # plain drops the user's words: stage 1 learns image -> caption, nothing else
+    keep_user_text: bool = True  # plain drops the user's words: stage 1 learns image -> caption
 
 
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The "
+                 "assistant gives helpful, detailed, and polite answers to the human's questions.")
 
 TEMPLATES = {
-    # LLaVA's stage 1 (preprocess_plain): "<image>caption<end>". LLaVA ends with "\n"; we use EOS so a
-    # stage-1 model also knows when to stop.
+    # LLaVA's stage 1 (preprocess_plain): "<image>caption<end>". LLaVA ends with "\n"; we use EOS
+    # so a stage-1 model also knows when to stop.
     "plain": Template("plain", system="", system_fmt="", user_fmt="{}", answer_fmt="{}", end=None,
                       keep_user_text=False),
     # LLaVA-1.5: "SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>"
-    "vicuna_v1": Template("vicuna_v1", system=VICUNA_SYSTEM, system_fmt="{} ", user_fmt="USER: {} ASSISTANT:",
-                          answer_fmt=" {}", end=None),
+    "vicuna_v1": Template("vicuna_v1", system=VICUNA_SYSTEM, system_fmt="{} ",
+                          user_fmt="USER: {} ASSISTANT:", answer_fmt=" {}", end=None),
     # Qwen2 / SmolLM2-Instruct: "<|im_start|>role\n...<|im_end|>\n"
     "chatml": Template("chatml", system="You are a helpful assistant.",
                        system_fmt="<|im_start|>system\n{}<|im_end|>\n",
@@ -171,14 +177,14 @@ def get_template(template):
 
 
 def image_first(text):
-    """A human turn with the image: the tag goes first, on a line of its own, wherever (or whether) the
-    user wrote it, as LLaVA does."""
+    """A human turn with the image: the tag goes first, on a line of its own, wherever (or whether)
+    the user wrote it, as LLaVA does."""
     return IMAGE_TAG + "\n" + text.replace(IMAGE_TAG, "").strip()
 
 
 def with_image_tag(conversations):
-    """A copy of the turns with the image tag in the first human turn: the form for a sample that has an
-    image but whose text never mentions it."""
+    """A copy of the turns with the image tag in the first human turn: the form for a sample that
+    has an image but whose text never mentions it."""
     turns = [dict(t) for t in conversations]
     if not any(IMAGE_TAG in t["value"] for t in turns):
         human = next((t for t in turns if t["from"] == "human"), None)
@@ -187,17 +193,18 @@ def with_image_tag(conversations):
     return turns
 
 
-def tokenize_conversation(conversations, tokenizer, template, max_len=None, add_generation_prompt=False):
+def tokenize_conversation(conversations, tokenizer, template, max_len=None,
+                          add_generation_prompt=False):
     """Turn [{"from": "system"|"human"|"gpt", "value": ...}, ...] into (input_ids, labels).
 
-    Each piece of the template is tokenized on its own and its labels are decided right there:
-    the answers and their end tokens keep their ids, everything else gets IGNORE_INDEX. LLaVA instead
+    Each piece of the template is tokenized on its own and its labels are decided right there: the
+    answers and their end tokens keep their ids, everything else gets IGNORE_INDEX. LLaVA instead
     tokenizes the whole text and then masks by *counting* the tokens of each part; when a tokenizer
     merges tokens across a part boundary the counts drift ("tokenization mismatch") and the mask is
     silently wrong. Here the ids and the mask come from the same tokens, so they cannot disagree.
 
-    With add_generation_prompt=True the conversation must end with a human turn, and the ids stop at
-    the assistant's cue: the inference prompt is built by the very code that built the training data.
+    With add_generation_prompt=True the conversation must end with a human turn, and the ids stop
+    at the assistant's cue: the inference prompt is built by the code that built the training data.
     """
     tpl = get_template(template)
     turns = list(conversations)
@@ -205,17 +212,22 @@ def tokenize_conversation(conversations, tokenizer, template, max_len=None, add_
     roles = [t["from"] for t in turns]
     expected = ["human", "gpt"] * (len(turns) // 2 + 1)
     if not turns or roles != expected[:len(turns)]:
-        raise ValueError(f"roles must alternate human, gpt, human, ... (after an optional system turn); got {roles}")
+        raise ValueError("roles must alternate human, gpt, human, ... (after an optional system "
+                         f"turn); got {roles}")
     if roles[-1] != ("human" if add_generation_prompt else "gpt"):
-        raise ValueError("a training conversation must end with a gpt answer, a generation prompt with a human turn")
+        raise ValueError("a training conversation must end with a gpt answer, "
+                         "a generation prompt with a human turn")
     tags = [t["value"].count(IMAGE_TAG) for t in turns]
     if sum(tags) > 1 or sum(tags[1:]):
-        raise ValueError(f"at most one {IMAGE_TAG} tag, in the first human turn (one image per sample)")
+        raise ValueError(f"at most one {IMAGE_TAG} tag, in the first human turn "
+                         "(one image per sample)")
     if tokenizer.eos_id is None and tpl.end is None:
-        raise ValueError(f"template {tpl.name} ends answers with EOS, but the tokenizer has no EOS token")
+        raise ValueError(f"template {tpl.name} ends answers with EOS, "
+                         "but the tokenizer has no EOS token")
     end_id = tokenizer.eos_id if tpl.end is None else tokenizer.token_to_id(tpl.end)
     if end_id is None:
-        raise ValueError(f"template {tpl.name} needs {tpl.end!r} to be a single token of the tokenizer")
+        raise ValueError(f"template {tpl.name} needs {tpl.end!r} to be a single token "
+                         "of the tokenizer")
 
     ids, labels = [], []
 
@@ -259,16 +271,16 @@ def tokenize_conversation(conversations, tokenizer, template, max_len=None, add_
 
 
 def build_prompt(conversations, tokenizer, template):
-    """Ids of the inference prompt for a conversation ending with a human turn: ready to generate."""
+    """Ids of the inference prompt for a conversation that ends with a human turn."""
     return tokenize_conversation(conversations, tokenizer, template, add_generation_prompt=True)[0]
 
 
 def truncate(ids, labels, max_len):
-    """Keep the first max_len tokens. The image placeholder counts as one id here; the model turns it
-    into N patch embeddings, so a trainer with context C should pass max_len = C - N + 1.
+    """Keep the first max_len tokens. The image placeholder counts as one id here; the model turns
+    it into N patch embeddings, so a trainer with context C should pass max_len = C - N + 1.
 
     Raises TooLong if the cut would drop the image placeholder (the image would be loaded but never
-    seen) or leave no trained token (a loss of 0/0 = NaN). Callers skip such samples and count them."""
+    seen) or leave no trained token (a loss of 0/0 = NaN). Callers skip and count such samples."""
     if len(ids) <= max_len:
         return ids, labels
     if IMAGE_TOKEN_INDEX in ids[max_len:]:
@@ -289,7 +301,7 @@ class ImageConfig:
     size: int  # side of the square the encoder sees
     mean: tuple  # per-channel mean of the encoder's training pixels, in [0, 1]
     std: tuple  # per-channel std, likewise
-    mode: str = "pad"  # how the image becomes a square: "pad" (LLaVA-1.5), "crop" (CLIP), "squash" (SigLIP)
+    mode: str = "pad"  # to a square by "pad" (LLaVA-1.5), "crop" (CLIP) or "squash" (SigLIP)
 
 
 LLAVA_IMAGE = ImageConfig(336, CLIP_MEAN, CLIP_STD)  # LLaVA-1.5's: CLIP-L/14-336, padded
@@ -297,7 +309,7 @@ LLAVA_IMAGE = ImageConfig(336, CLIP_MEAN, CLIP_STD)  # LLaVA-1.5's: CLIP-L/14-33
 
 @dataclass
 class ChatConfig:
-    """How to talk to a model as it was trained: stored in its config.json (TinyLlava.chat holds the dict)."""
+    """How to talk to a model as it was trained; stored in its config.json (TinyLlava.chat)."""
 
     template: str  # conversation template name
     image: ImageConfig  # image preprocessing
@@ -308,9 +320,9 @@ class ChatConfig:
 
 
 def load_image_processor_config(path):
-    """The image settings of a checkpoint's own processor (preprocessor_config.json, mode "crop" for CLIP,
-    "squash" for SigLIP); without one, the CLIP or SigLIP defaults (chosen from config.json's model_type)
-    and config.json's image_size."""
+    """The image settings of a checkpoint's own processor (preprocessor_config.json; mode "crop" for
+    CLIP, "squash" for SigLIP); without one, the CLIP or SigLIP defaults (chosen by config.json's
+    model_type) and config.json's image_size."""
     p = _read_json(os.path.join(path, "preprocessor_config.json"))
     cfg = _read_json(os.path.join(path, "config.json"))
     vision = cfg.get("vision_config", cfg)
@@ -318,16 +330,20 @@ def load_image_processor_config(path):
     mean = tuple(p.get("image_mean", SIGLIP_MEAN if siglip else CLIP_MEAN))
     std = tuple(p.get("image_std", SIGLIP_STD if siglip else CLIP_STD))
     size = p.get("size", vision.get("image_size", 224))
-    side = lambda s: s if isinstance(s, int) else s.get("shortest_edge", s.get("height"))  # noqa: E731
+
+    def side(s):
+        return s if isinstance(s, int) else s.get("shortest_edge", s.get("height"))
+
     if p.get("do_center_crop", not siglip):  # CLIP: resize the shortest edge, then centre-crop
         return ImageConfig(side(p.get("crop_size", size)), mean, std, "crop")
     return ImageConfig(side(size), mean, std, "squash")  # SigLIP: straight to size x size
 
 
 def to_rgb(image):
-    """Any PIL mode -> RGB. Transparency is composited on white (as transformers does, not black)."""
-    if image.mode.startswith("I"):  # 16/32-bit greyscale: scale to 8 bits; PIL's convert would clip at 255
-        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+    """Any PIL mode -> RGB; transparency is composited on white, as transformers does, not black."""
+    if image.mode.startswith("I"):  # 16/32-bit greyscale: scale to 8 bits (convert clips at 255)
+        pixels = (np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8)
+        image = Image.fromarray(pixels)
     if "A" in image.getbands() or "transparency" in image.info:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, image.convert("RGBA"))
@@ -337,9 +353,9 @@ def to_rgb(image):
 def preprocess_image(image, size, mean, std, mode="pad"):
     """PIL image -> float tensor (3, size, size), normalised for the vision encoder.
 
-    mode "pad":    LLaVA-1.5's expand2square: pad to a square with the mean colour (normalised to ~0,
-                   so the padding looks like "nothing"), then resize: the whole image is kept.
-    mode "crop":   CLIP's processor: resize the shortest side to `size`, centre-crop: the edges are lost.
+    mode "pad":    LLaVA-1.5's expand2square: pad to a square with the mean colour (normalised to
+                   ~0, so the padding looks like "nothing"), then resize: the whole image is kept.
+    mode "crop":   CLIP's processor: shortest side resized to `size`, centre-crop: edges are lost.
     mode "squash": SigLIP's processor: resize straight to size x size: the aspect ratio is lost.
     """
     image = to_rgb(image)
@@ -365,14 +381,14 @@ def preprocess_image(image, size, mean, std, mode="pad"):
 def load_image(file, image):
     """An image file, prepared as ImageConfig `image` says: (3, size, size)."""
     with Image.open(file) as im:
-        return preprocess_image(im, image.size, image.mean, image.std, image.mode)
+        return preprocess_image(im, image.size, image.mean, image.std, mode=image.mode)
 
 # -----------------------------------------------------------------------------
 # Datasets and batching
 
 
 def load_samples(path):
-    """Read a LLaVA JSON list or a JSONL file and check each sample's schema. Every sample gets an id."""
+    """Read a LLaVA JSON list or a JSONL file and check each sample's schema; each gets an id."""
     with open(path) as f:
         text = f.read()
     name = os.path.basename(path)
@@ -388,7 +404,8 @@ def load_samples(path):
         try:
             samples = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{name}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            raise DataError(f"{name}: malformed JSON at line {e.lineno}, column {e.colno}: "
+                            f"{e.msg}") from None
         if not isinstance(samples, list):
             raise DataError(f"{name}: expected a JSON list of samples")
     for i, s in enumerate(samples):
@@ -396,8 +413,9 @@ def load_samples(path):
             raise DataError(f"{name}: sample #{i}: expected an object, got {type(s).__name__}")
         s.setdefault("id", f"#{i}")
         convs = s.get("conversations")
-        if not isinstance(convs, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str)
-                                                  and t.get("from") in ("system", "human", "gpt") for t in convs):
+        if not isinstance(convs, list) or not all(
+                isinstance(t, dict) and isinstance(t.get("value"), str)
+                and t.get("from") in ("system", "human", "gpt") for t in convs):
             raise DataError(f"{name}: sample {s['id']}: needs 'conversations', a list of "
                             '{"from": "human"|"gpt"|"system", "value": str}')
         if "image" in s and not isinstance(s["image"], str):
@@ -407,18 +425,21 @@ def load_samples(path):
 
 class ConversationDataset(torch.utils.data.Dataset):
     """LLaVA-format conversations, tokenized once up front (cheap, and it finds bad samples before
-    training starts); images are opened lazily in __getitem__ and prepared as `image` says. Images are
-    looked up in image_folder, by default the data file's folder; absolute paths are used as they are."""
+    training starts); images are opened lazily in __getitem__ and prepared as `image` says. They
+    are looked up in image_folder, by default the data file's folder; absolute paths are kept."""
 
-    def __init__(self, path, tokenizer, template, image=LLAVA_IMAGE, image_folder=None, max_len=None):
+    def __init__(self, path, tokenizer, template, image=LLAVA_IMAGE, image_folder=None,
+                 max_len=None):
         self.path, self.name, self.image = path, os.path.basename(path), image
-        self.image_folder = os.path.dirname(os.path.abspath(path)) if image_folder is None else image_folder
+        self.image_folder = (os.path.dirname(os.path.abspath(path)) if image_folder is None
+                             else image_folder)
         template = get_template(template)
         self.samples, self.skipped = [], []
         for s in load_samples(path):
             n_tags = sum(t["value"].count(IMAGE_TAG) for t in s["conversations"])
             if n_tags > (1 if "image" in s else 0):
-                self._fail(s, f"{n_tags} {IMAGE_TAG} tag(s) but {1 if 'image' in s else 0} image(s)")
+                self._fail(s, f"{n_tags} {IMAGE_TAG} tag(s) but "
+                              f"{1 if 'image' in s else 0} image(s)")
             image, convs = None, s["conversations"]
             if "image" in s:
                 image = os.path.join(self.image_folder, s["image"])
@@ -434,7 +455,8 @@ class ConversationDataset(torch.utils.data.Dataset):
                 self._fail(s, str(e))
             self.samples.append(dict(id=s["id"], image=image, input_ids=ids, labels=labels))
         if self.skipped:
-            print(f"{self.name}: skipped {len(self.skipped)} of {len(self.skipped) + len(self.samples)} samples "
+            total = len(self.skipped) + len(self.samples)
+            print(f"{self.name}: skipped {len(self.skipped)} of {total} samples "
                   f"that do not fit max_len={max_len} (first ids: {self.skipped[:5]})")
 
     def _fail(self, sample, msg):
@@ -455,16 +477,16 @@ class ConversationDataset(torch.utils.data.Dataset):
                 pixel_values = load_image(s["image"], self.image)
             except OSError as e:
                 self._fail(s, f"cannot read image {s['image']}: {e}")
-        return dict(id=s["id"], input_ids=torch.tensor(s["input_ids"]), labels=torch.tensor(s["labels"]),
-                    pixel_values=pixel_values)
+        return dict(id=s["id"], input_ids=torch.tensor(s["input_ids"]),
+                    labels=torch.tensor(s["labels"]), pixel_values=pixel_values)
 
 
 def collate(batch, pad_id):
-    """Right-pad a list of samples into a batch. Use DataLoader(..., collate_fn=partial(collate, pad_id=...)).
+    """Right-pad samples into a batch, as DataLoader(..., collate_fn=partial(collate, pad_id=...)).
 
-    Returns input_ids (B, T) padded with pad_id, labels (B, T) padded with IGNORE_INDEX so padding is
-    never trained, attention_mask (B, T) 1 for real tokens, pixel_values (n_images, 3, H, W) for the
-    samples that have an image, in batch order (None if none has), has_image (B,) bool, and ids."""
+    Returns input_ids (B, T) padded with pad_id, labels (B, T) padded with IGNORE_INDEX so padding
+    is never trained, attention_mask (B, T) 1 for real tokens, pixel_values (n_images, 3, H, W) for
+    the samples that have an image, in batch order (None if none has), has_image (B,) bool, ids."""
     B, T = len(batch), max(len(b["input_ids"]) for b in batch)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
@@ -481,26 +503,29 @@ def collate(batch, pad_id):
 # -----------------------------------------------------------------------------
 # Mask viewer: see which tokens are trained
 
-STYLES = {"trained": "\033[1;32m", "masked": "\033[2m", "image": "\033[1;35m"}  # bold green, dim, magenta
+# bold green, dim, magenta
+STYLES = {"trained": "\033[1;32m", "masked": "\033[2m", "image": "\033[1;35m"}
 RESET = "\033[0m"
 
 
 def render_mask(ids, labels, tokenizer, color=False):
-    """The sequence as text with trained tokens in bold green (color) or in [brackets] (plain text),
-    masked ones dim, the image placeholder as <image>; then the count of trained and masked tokens."""
+    """The sequence as text with trained tokens in bold green (color) or in [brackets] (plain
+    text), masked ones dim, the image placeholder as <image>; then the trained and masked counts."""
     def kind(pair):
-        return "image" if pair[0] == IMAGE_TOKEN_INDEX else "masked" if pair[1] == IGNORE_INDEX else "trained"
+        if pair[0] == IMAGE_TOKEN_INDEX:
+            return "image"
+        return "masked" if pair[1] == IGNORE_INDEX else "trained"
 
     parts = []
     for k, run in itertools.groupby(zip(ids, labels), key=kind):
-        text = tokenizer.decode([i for i, _ in run])  # a whole run at once, so multi-byte characters stay whole
+        text = tokenizer.decode([i for i, _ in run])  # whole runs keep multi-byte characters whole
         parts.append(STYLES[k] + text + RESET if color else f"[{text}]" if k == "trained" else text)
     trained = sum(label != IGNORE_INDEX for label in labels)
     return "".join(parts) + f"\n({len(ids)} tokens: {trained} trained, {len(ids) - trained} masked)"
 
 
 def show(path, tokenizer, template, n=3, image_folder=None, max_len=None, color=None):
-    """Print the first n samples of a data file as the model will see them. Colour only on a terminal."""
+    """Print the first n samples of a data file as the model will see them; colour on a terminal."""
     color = sys.stdout.isatty() if color is None else color
     template = get_template(template)
     legend = " ".join(STYLES[k] + k + RESET for k in STYLES) if color else "[trained] masked <image>"
@@ -532,7 +557,8 @@ def main(argv=None):
     p.add_argument("--image-folder", default=None)
     p.add_argument("--max-len", type=int, default=None)
     args = parser.parse_args(argv)
-    show(args.file, load_tokenizer(args.tokenizer), args.template, args.n, args.image_folder, args.max_len)
+    show(args.file, load_tokenizer(args.tokenizer), args.template, n=args.n,
+         image_folder=args.image_folder, max_len=args.max_len)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,23 @@
-"""
-tinyllava: LLaVA (Visual Instruction Tuning) from scratch, in one file.
+"""tinyllava: LLaVA (Visual Instruction Tuning) from scratch, in one file.
 
-    image ─► ViT (CLIP / SigLIP) ─► hidden state of the penultimate layer, CLS dropped   (n_img, N, Dv)
-          ─► projector (mlp2x_gelu)                                                    (n_img, N, D)
-          ─► spliced into the token embeddings where the -200 placeholder stands        (B, T', D)
+    image ─► ViT (CLIP / SigLIP) ─► penultimate hidden state, CLS dropped   (n_img, N, Dv)
+          ─► projector (mlp2x_gelu)                                      (n_img, N, D)
+          ─► spliced into the token embeddings at the -200 placeholder    (B, T', D)
           ─► Llama-style decoder ─► logits ─► shifted cross-entropy on the answer tokens
 
-The file reads top to bottom: building blocks, the vision tower, the projector, the language model,
-the LLaVA glue, loading/saving, generation, and a small command line.
-Module names copy the Hugging Face checkpoint keys, so loading a checkpoint is (nearly) the identity.
+Top to bottom: building blocks, vision tower, projector, language model, LLaVA glue and generation,
+configs, loading. Module names copy the Hugging Face checkpoint keys: loading is near the identity.
 
-References:
-  Liu et al. 2023, "Visual Instruction Tuning" (LLaVA)      https://arxiv.org/abs/2304.08485
-  Liu et al. 2023, "Improved Baselines with Visual Instruction Tuning" (LLaVA-1.5, mlp2x_gelu, 'pad')
-  Radford et al. 2021 (CLIP); Zhai et al. 2023 (SigLIP); Touvron et al. 2023 (Llama); Su et al. 2021 (RoPE)
+References: Liu et al. 2023, "Visual Instruction Tuning" (LLaVA), https://arxiv.org/abs/2304.08485
+  Liu et al. 2023, "Improved Baselines with Visual Instruction Tuning" (LLaVA-1.5: mlp2x_gelu, pad)
+  Radford et al. 2021 (CLIP); Zhai et al. 2023 (SigLIP); Touvron et al. 2023 (Llama); Su 2021 (RoPE)
 """
 
 import json
-import math
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -34,24 +30,18 @@ IGNORE_INDEX = -100  # label value that cross-entropy ignores: the token is cont
 
 
 class InputError(ValueError):
-    """A user's mistake: a bad file, flag value or checkpoint. The command lines print it as one line
-    (command_line); any other exception is a bug and keeps its traceback."""
+    """A user's mistake (bad file, flag or checkpoint): printed as one line, with no traceback."""
 
 # -----------------------------------------------------------------------------
 # Building blocks
 
-
 def quick_gelu(x):
-    # CLIP was trained with this sigmoid approximation of GELU; using exact GELU would change its features
+    # CLIP was trained with this sigmoid approximation of GELU; exact GELU would change its features
     return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {
-    "quick_gelu": quick_gelu,  # CLIP
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # SigLIP
-    "gelu": F.gelu,  # LLaVA's projector
-    "silu": F.silu,  # Llama's SwiGLU
-}
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+               "gelu": F.gelu, "silu": F.silu}  # CLIP, SigLIP, LLaVA's projector, Llama's SwiGLU
 
 
 def get_activation(name):
@@ -61,30 +51,27 @@ def get_activation(name):
 
 
 class RMSNorm(nn.Module):
-    """Llama's norm: rescale by the root mean square (no mean subtraction, no bias), computed in fp32."""
-
+    """Llama's norm: rescale by the root mean square (no mean subtracted, no bias), in fp32."""
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
+        dtype, x = x.dtype, x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
-    """Rotary embedding angles for integer positions (B, T) -> cos, sin of shape (B, T, head_dim)."""
+    """Rotary angles for integer positions (B, T) -> cos, sin of shape (B, T, head_dim)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     angles = positions.float()[..., None] * inv_freq  # (B, T, hs/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (B, T, hs): HF layout pairs dim i with dim i + hs/2
+    angles = torch.cat((angles, angles), dim=-1)  # (B, T, hs): HF pairs dim i with dim i + hs/2
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    # rotate each (x_i, x_{i+hs/2}) pair by its angle; q.k then depends only on the relative position
+    # rotate each (x_i, x_{i+hs/2}) pair by its angle: q.k then depends only on relative position
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]  # cos/sin broadcast over heads: (B, 1, T, hs)
@@ -93,10 +80,9 @@ def apply_rope(x, cos, sin):
 # -----------------------------------------------------------------------------
 # Vision tower: a ViT that covers CLIP and SigLIP
 
-
 @dataclass
 class VisionConfig:
-    model_type: str = "clip_vision_model"  # "clip_vision_model" (CLS + pre-LN) or "siglip_vision_model"
+    model_type: str = "clip_vision_model"  # or "siglip_vision_model" (no CLS, no pre-LN)
     image_size: int = 224  # input side in pixels; learned positions exist for exactly this size
     patch_size: int = 16  # side of one square patch: (image_size // patch_size) ** 2 patches
     num_channels: int = 3  # RGB
@@ -106,11 +92,11 @@ class VisionConfig:
     num_attention_heads: int = 12  # heads; head size is hidden_size // num_attention_heads
     hidden_act: str = "quick_gelu"  # CLIP: quick_gelu; SigLIP: gelu_pytorch_tanh
     layer_norm_eps: float = 1e-5  # CLIP: 1e-5; SigLIP: 1e-6
-    select_layer: int = -2  # LLaVA's feature: hidden state -2 (penultimate layer); -1 = last, 0 = embeddings
-    select_feature: str = "patch"  # "patch" drops the CLS token, "cls_patch" keeps it (SigLIP has none)
+    select_layer: int = -2  # penultimate, as CLIP's last layer is tuned to global image-text match
+    select_feature: str = "patch"  # "patch" drops CLS, "cls_patch" keeps it (SigLIP has none)
 
     @property
-    def has_cls(self):  # CLIP prepends a learned class token and a LayerNorm before the encoder; SigLIP does not
+    def has_cls(self):  # CLIP has a class token and a LayerNorm before the encoder; SigLIP neither
         return self.model_type == "clip_vision_model"
 
     @property
@@ -119,8 +105,7 @@ class VisionConfig:
 
     @property
     def num_layers_run(self):
-        # hidden_states[0] is the embedding output and hidden_states[i] the output of layer i, so
-        # hidden state k (negative from the end, like Python) needs the first L + 1 + k layers only
+        # hidden state 0 is the embeddings, i layer i's output: state k < 0 needs L + 1 + k layers
         L = self.num_hidden_layers
         n = self.select_layer if self.select_layer >= 0 else L + 1 + self.select_layer
         if not 0 <= n <= L:
@@ -135,9 +120,8 @@ class VisionEmbeddings(nn.Module):
         if cfg.has_cls:
             self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
         # a conv with stride = kernel = patch size is "cut into patches + one shared linear layer"
-        self.patch_embedding = nn.Conv2d(
-            cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=not cfg.has_cls
-        )
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
+                                         stride=cfg.patch_size, bias=not cfg.has_cls)
         self.position_embedding = nn.Embedding(cfg.num_patches + cfg.has_cls, cfg.hidden_size)
 
     def forward(self, pixel_values):
@@ -151,18 +135,15 @@ class VisionEmbeddings(nn.Module):
 
 class VisionAttention(nn.Module):
     """Bidirectional multi-head self-attention: every patch sees every patch."""
-
     def __init__(self, cfg):
         super().__init__()
-        D = cfg.hidden_size
-        self.n_head = cfg.num_attention_heads
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
-        self.out_proj = nn.Linear(D, D)
+        D, self.n_head = cfg.hidden_size, cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
 
     def forward(self, x):
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
-        q, k, v = (proj(x).view(B, T, nh, hs).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(B, T, nh, hs).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs), no mask
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -180,7 +161,6 @@ class VisionMLP(nn.Module):
 
 class VisionLayer(nn.Module):
     """Pre-norm transformer block (LayerNorm with bias, as in CLIP and SigLIP)."""
-
     def __init__(self, cfg):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -205,13 +185,8 @@ class VisionEncoder(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """CLIP / SigLIP ViT returning LLaVA's image feature: the hidden state of `select_layer`.
-
-    Layers after the selected one never influence the feature, so they are not even built
-    (for LLaVA-1.5's penultimate layer that is the last layer, and its weights are skipped on load).
-    The final `post_layernorm` and SigLIP's attention-pooling head are unused for the same reason.
-    """
-
+    """CLIP / SigLIP ViT returning LLaVA's image feature, the hidden state of `select_layer`. Later
+    layers never touch it, so they are not built, nor `post_layernorm` or SigLIP's pooling head."""
     def __init__(self, cfg):
         super().__init__()
         if cfg.model_type not in ("clip_vision_model", "siglip_vision_model"):
@@ -220,8 +195,8 @@ class VisionTower(nn.Module):
             raise InputError(f"select_feature must be 'patch' or 'cls_patch', got {cfg.select_feature!r}")
         self.config = cfg
         self.embeddings = VisionEmbeddings(cfg)
-        if cfg.has_cls:
-            self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: CLIP's key name
+        if cfg.has_cls:  # "layrnorm" [sic]: CLIP's key name
+            self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.encoder = VisionEncoder(cfg, cfg.num_layers_run)
         self.apply(init_weights)
 
@@ -236,39 +211,34 @@ class VisionTower(nn.Module):
         if self.config.has_cls:
             x = self.pre_layrnorm(x)
         x = self.encoder(x)
-        if self.config.has_cls and self.config.select_feature == "patch":
-            # LLaVA drops CLS: the LLM gets one token per image patch, each tied to a spatial location
-            x = x[:, 1:]
-        return x
+        # LLaVA drops CLS: the LLM gets one token per patch, each tied to a spatial location
+        return x[:, 1:] if self.config.has_cls and self.config.select_feature == "patch" else x
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, select_layer=-2, select_feature="patch"):
         """Load a CLIP/SigLIP checkpoint directory: full (text tower ignored) or vision-only."""
         cfg = vision_config_from_hf(read_config(path), select_layer, select_feature)
         model = build_on_meta(cls, cfg)
-        load_weights(model, read_safetensors(path, device), path, vision_key, dtype, device)
+        load_weights(model, read_safetensors(path, device), path, vision_key, dtype=dtype, device=device)
         return model
 
     def save_pretrained(self, path):
-        """Write a transformers CLIPVisionModel / SiglipVisionModel checkpoint of the layers built."""
+        """Write a transformers CLIPVisionModel / SiglipVisionModel checkpoint of these layers."""
         os.makedirs(path, exist_ok=True)
-        write_json(os.path.join(path, "config.json"), vision_config_to_hf(self.config, len(self.encoder.layers)))
+        config = vision_config_to_hf(self.config, len(self.encoder.layers))
+        write_json(os.path.join(path, "config.json"), config)
         tensors = {"vision_model." + k: v for k, v in state_dict_for_save(self).items()}
-        # transformers' vision models end in a LayerNorm that LLaVA never uses: store an identity one
-        # so the checkpoint also loads there without "newly initialised weights" warnings
-        D = self.config.hidden_size
-        tensors["vision_model.post_layernorm.weight"] = torch.ones(D)
-        tensors["vision_model.post_layernorm.bias"] = torch.zeros(D)
+        # an identity post_layernorm (LLaVA never uses it) so transformers loads it without warnings
+        tensors["vision_model.post_layernorm.weight"] = torch.ones(self.config.hidden_size)
+        tensors["vision_model.post_layernorm.bias"] = torch.zeros(self.config.hidden_size)
         save_safetensors(tensors, os.path.join(path, "model.safetensors"))
 
 
 # -----------------------------------------------------------------------------
 # Projector: maps vision features into the language model's embedding space
 
-
 class Projector(nn.Module):
     """'linear' (LLaVA-1) or 'mlp2x_gelu' (LLaVA-1.5: Linear, GELU, Linear)."""
-
     def __init__(self, kind, vision_dim, text_dim, bias=True):
         super().__init__()
         if kind not in ("linear", "mlp2x_gelu"):
@@ -288,7 +258,6 @@ class Projector(nn.Module):
 # -----------------------------------------------------------------------------
 # Language model: a Llama-style decoder (Llama, TinyLlama, Vicuna, SmolLM2, Qwen2)
 
-
 @dataclass
 class LMConfig:
     model_type: str = "llama"  # "llama" or "qwen2" (which adds a bias to q/k/v)
@@ -297,7 +266,7 @@ class LMConfig:
     intermediate_size: int = 11008  # SwiGLU hidden width
     num_hidden_layers: int = 32
     num_attention_heads: int = 32  # query heads
-    num_key_value_heads: int = 32  # fewer than query heads = grouped-query attention (GQA)
+    num_key_value_heads: int = 32  # fewer than the query heads: grouped-query attention (GQA)
     head_dim: int = 128  # usually hidden_size // num_attention_heads, but not always
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0  # base of the rotary frequencies
@@ -305,14 +274,13 @@ class LMConfig:
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
     o_proj_bias: bool = False  # bias on the attention output (Llama's attention_bias covers it too)
     mlp_bias: bool = False
-    tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (SmolLM2, small Qwen2.5)
+    tie_word_embeddings: bool = False  # lm_head is the embedding matrix (SmolLM2, small Qwen2.5)
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None  # generation stops at any of these
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated once for the whole generation: (L, B, n_kv, T_max, hs)."""
-
+    """Every layer's keys and values, preallocated once per generation: (L, B, n_kv, T_max, hs)."""
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
@@ -330,9 +298,8 @@ class KVCache:
 class LlamaAttention(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, D = layer_idx, cfg.hidden_size
         self.n_head, self.n_kv, self.hs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        D = cfg.hidden_size
         self.q_proj = nn.Linear(D, self.n_head * self.hs, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(D, self.n_kv * self.hs, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(D, self.n_kv * self.hs, bias=cfg.attention_bias)
@@ -340,25 +307,25 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)
+        nh, n_kv, hs = self.n_head, self.n_kv, self.hs
+        q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, n_kv, hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = self.v_proj(x).view(B, T, n_kv, hs).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hs), S = cached + T
-        # GQA: each group of nh / n_kv query heads shares one key/value head.
-        # `mask` is a tensor, or "causal", or None (a single new token may see everything cached);
-        # never both attn_mask and is_causal: SDPA rejects that combination on some backends.
+        # GQA: each group of nh / n_kv query heads shares one key/value head. `mask` is a tensor,
+        # "causal" or None (one new token sees the whole cache); never both: some SDPA backends fail
+        gqa = n_kv != nh
         if isinstance(mask, torch.Tensor):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal", enable_gqa=self.n_kv != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hs))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal", enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hs))
 
 
 class LlamaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
-
     def __init__(self, cfg):
         super().__init__()
         D, H = cfg.hidden_size, cfg.intermediate_size
@@ -385,17 +352,15 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     """The decoder body; its keys are the checkpoint's `model.*`."""
-
     def __init__(self, cfg):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.gradient_checkpointing = False  # recompute layer activations in backward to save memory
+        self.gradient_checkpointing = False  # recompute layer activations in backward: less memory
 
     def forward(self, x, cos, sin, mask, cache=None):
-        """(B, T, D) input embeddings -> (B, T, D) final hidden states. RoPE's cos/sin and the mask come from
-        the caller (LanguageModel.forward), computed once for all layers."""
+        """(B, T, D) -> (B, T, D) hidden states; the caller computes cos/sin and mask once."""
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
@@ -405,9 +370,8 @@ class LlamaModel(nn.Module):
 
 
 def attention_mask_4d(attention_mask, T, past):
-    """Boolean (B, 1, T, S) mask for T new queries at positions past..past+T-1 over S = past + T keys:
-    causal AND the key is not padding. Each query always sees itself, so a padding query's row is
-    never empty (an all-False row would make softmax return NaN); its output is ignored anyway."""
+    """Boolean (B, 1, T, S) mask of T new queries over S = past + T keys: causal AND not padding.
+    A query always sees itself: no row is empty (softmax would give NaN); padding rows go unused."""
     S = past + T
     q_pos = torch.arange(past, S, device=attention_mask.device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
@@ -416,15 +380,13 @@ def attention_mask_4d(attention_mask, T, past):
 
 
 def padding_mask(attention_mask):
-    """attention_mask, or None when it marks no padding: the language model then takes its causal path
-    (SDPA's is_causal, no (T, S) mask to build). The callers decide this, not LanguageModel.forward: reading
-    the mask's values there would break a compiled graph (TinyLlava.compile) and stall the GPU every call."""
+    """attention_mask, or None without padding (the LM then uses SDPA's is_causal). Callers decide:
+    reading the mask in LanguageModel.forward would stall the GPU and break a compiled graph."""
     return None if attention_mask is None or bool(attention_mask.all()) else attention_mask
 
 
 class LanguageModel(nn.Module):
-    """Llama-family causal LM. Keys match LlamaForCausalLM / Qwen2ForCausalLM: `model.*`, `lm_head`."""
-
+    """Llama-family causal LM with LlamaForCausalLM / Qwen2ForCausalLM's keys: model.*, lm_head."""
     def __init__(self, cfg):
         super().__init__()
         if cfg.model_type not in ("llama", "qwen2"):
@@ -436,25 +398,18 @@ class LanguageModel(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(init_weights)
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, last_only=False, hidden=False):
-        """input_ids (B, T) or inputs_embeds (B, T, D) -> logits (B, T, V), or (B, 1, V) if last_only.
-        hidden=True returns the final hidden states (B, T, D) instead, for a loss that needs the logits of a
-        few positions only: lm_head is then applied to those alone (standins.lm_loss).
-
-        attention_mask (B, S) marks real tokens (1) and padding (0) over everything seen so far,
-        cached tokens included. Positions count real tokens only, so a left-padded prompt starts at 0.
-        Without padding, pass None (see padding_mask): the same result, faster."""
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None,
+                last_only=False, hidden=False):
+        """input_ids (B, T) or inputs_embeds (B, T, D) -> logits (B, T, V), (B, 1, V) if last_only,
+        or hidden states (B, T, D) if hidden. attention_mask (B, S) marks real tokens (1), cached
+        ones included; positions count real tokens only, so a left-padded prompt starts at 0."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         past = 0 if cache is None else cache.pos
         if attention_mask is None:
             positions = torch.arange(past, past + T, device=x.device).expand(B, T)
-            # a single new token may attend to everything before it; SDPA's is_causal aligns the mask
-            # top-left, which is right only when nothing is cached yet
-            if T == 1:
-                mask = None
-            elif past == 0:
-                mask = "causal"
+            if T == 1 or past == 0:  # SDPA's is_causal aligns top-left: right only with no cache
+                mask = None if T == 1 else "causal"  # one new token may see everything before it
             else:
                 mask = attention_mask_4d(torch.ones(B, past + T, device=x.device), T, past)
         else:
@@ -464,23 +419,21 @@ class LanguageModel(nn.Module):
         x = self.model(x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
-        if last_only:  # generation needs only the next token's logits: skip the (T, V) matmul over the prompt
+        if last_only:  # generation needs the next token's logits only: skip the prompt's (T, V)
             x = x[:, -1:]
         return x if hidden else self.lm_head(x)
 
     def compile(self, *args, **kwargs):
-        """torch.compile the decoder body (self.model) in place; the embedding lookup, the positions, RoPE's
-        angles, the mask and lm_head stay eager. So cos/sin enter the compiled graph as inputs, computed once
-        per forward: computed inside it, the compiler inlines them into every layer and recomputes them in
-        each layer's forward and backward (docs/speed.md has the measurement)."""
+        """torch.compile the decoder body in place; the rest stays eager, so RoPE's cos/sin enter
+        the graph as inputs instead of being recomputed in every layer, forward and backward."""
         self.model.compile(*args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        """Load a LlamaForCausalLM / Qwen2ForCausalLM directory (single-file or sharded safetensors)."""
+        """Load a LlamaForCausalLM / Qwen2ForCausalLM directory (one or sharded safetensors)."""
         cfg = lm_config_from_hf(read_config(path))
         model = build_on_meta(cls, cfg)
-        load_weights(model, read_safetensors(path, device), path, lm_key, dtype, device)
+        load_weights(model, read_safetensors(path, device), path, lm_key, dtype=dtype, device=device)
         return model
 
     def save_pretrained(self, path):
@@ -491,8 +444,7 @@ class LanguageModel(nn.Module):
 
 
 def init_weights(module):
-    # for models trained from scratch (the offline stand-ins): small normal weights as in GPT-2 / Llama;
-    # pretrained checkpoints overwrite all of this
+    # small normal weights (GPT-2, Llama) for models trained from scratch; checkpoints replace them
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
@@ -502,27 +454,21 @@ def init_weights(module):
 # -----------------------------------------------------------------------------
 # LLaVA: vision tower + projector + language model
 
-
 def shifted_cross_entropy(logits, labels):
-    """Mean next-token loss over the trained (label != -100) positions.
-
-    Labels are aligned with the inputs (labels[t] is the token at position t), so the logits at t are
-    scored against labels[t + 1]: the model predicts the *next* token. Doing the shift here, once, keeps
-    every data path free of off-by-one mistakes. A batch without a trained token gives 0, not NaN."""
-    # shift the labels rather than the logits: slicing the (B, T, V) logits would copy them, twice with the backward
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): targets[t] = labels[t + 1]; the last predicts nothing
-    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    """Mean next-token loss over the trained (label != -100) positions. Labels align with the
+    inputs, so logits at t are scored against labels[t + 1]: shifting here, once, keeps every data
+    path free of off-by-one mistakes. A batch without a trained token gives 0, not NaN."""
+    # shift the labels, not the (B, T, V) logits: slicing those would copy them, twice with backward
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T); the last predicts nothing
+    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def trained_cross_entropy(hidden, labels, lm_head):
-    """shifted_cross_entropy's loss, summed, and its number of targets, from the final hidden states (B, T, D).
-
-    lm_head runs only at the positions whose next token is trained. In LLaVA's data that is the answers: an
-    image's tokens and the prompt predict nothing, and the (B, T, V) logits are the largest tensors of a
-    training step (8 x 256 positions x 49,152 words is 400 MB in fp32, and the loss and its backward make
-    more of that size). Skipping them changes no value, only the time and memory."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T), as in shifted_cross_entropy
+    """shifted_cross_entropy's summed loss and target count, from hidden states (B, T, D). lm_head
+    runs only where the next token is trained: the same loss, without a step's largest tensor."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T), as shifted_cross_entropy
     keep = targets != IGNORE_INDEX
     logits = lm_head(hidden[keep])  # (n, V): the trained positions only, in row-major order
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
@@ -531,44 +477,40 @@ def trained_cross_entropy(hidden, labels, lm_head):
 class TinyLlava(nn.Module):
     def __init__(self, vision_tower, language_model, projector="mlp2x_gelu", projector_bias=True):
         super().__init__()
-        self.vision_tower = vision_tower
-        self.language_model = language_model
+        self.vision_tower, self.language_model = vision_tower, language_model
         w = language_model.model.embed_tokens.weight
-        with torch.device(w.device):  # a fresh projector keeps PyTorch's default Linear init, as in LLaVA
-            self.multi_modal_projector = Projector(
-                projector, vision_tower.config.hidden_size, language_model.config.hidden_size, projector_bias
-            ).to(w.dtype)
+        Dv, D = vision_tower.config.hidden_size, language_model.config.hidden_size
+        with torch.device(w.device):  # a fresh projector keeps the default Linear init, as in LLaVA
+            self.multi_modal_projector = Projector(projector, Dv, D, projector_bias).to(w.dtype)
         self.source_dir = None  # where tokenizer files come from (copied by save_pretrained)
-        self.sources = {}  # the vision / LLM checkpoints this model was built from (written to config.json)
-        self.chat = {}  # how to talk to it as it was trained (data.ChatConfig's fields; set by training)
+        self.sources = {}  # the vision / LLM checkpoints it was built from (written to config.json)
+        self.chat = {}  # how to talk to it as trained (data.ChatConfig's fields; set by training)
 
     @property
     def config(self):
         return llava_config_to_hf(self)
 
     def encode_images(self, pixel_values):
-        """(n_img, 3, H, W) -> (n_img, N, D) image tokens in the language model's embedding space."""
-        # No graph through a frozen tower: saves the activations' memory and a useless backward pass
-        train_vision = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
+        """(n_img, 3, H, W) -> (n_img, N, D) image tokens in the LM's embedding space."""
+        # no graph through a frozen tower: saves the activations' memory and a useless backward pass
+        tower, projector = self.vision_tower, self.multi_modal_projector
+        train_vision = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
         with torch.set_grad_enabled(train_vision):
-            features = self.vision_tower(pixel_values)
-        return self.multi_modal_projector(features.to(self.multi_modal_projector.linear_1.weight.dtype))
+            features = tower(pixel_values)
+        return projector(features.to(projector.linear_1.weight.dtype))
 
     def merge_inputs(self, input_ids, pixel_values=None, attention_mask=None, labels=None):
-        """Replace each -200 placeholder by its image's N feature vectors.
-
-        input_ids (B, T) with one -200 per image; pixel_values (n_img, 3, H, W) in placeholder order
-        (row by row). Returns embeddings (B, T', D), attention mask (B, T') and labels (B, T') or None;
-        image positions get label -100 (nothing to predict there). Padding keeps the input's side:
-        right for training, left for generation."""
+        """Replace each -200 of input_ids (B, T) by its image's N features, from pixel_values
+        (n_img, 3, H, W) in placeholder order -> embeddings, mask, labels or None (B, T'), where
+        image positions get label -100."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         is_image = input_ids == IMAGE_TOKEN_INDEX
-        n_img = int(is_image.sum())
-        n_pix = 0 if pixel_values is None else pixel_values.size(0)
+        n_img, n_pix = int(is_image.sum()), 0 if pixel_values is None else pixel_values.size(0)
         if n_img != n_pix:
-            raise ValueError(f"{n_img} image placeholders ({IMAGE_TOKEN_INDEX}) in input_ids but {n_pix} images")
+            raise ValueError(f"{n_img} image placeholders ({IMAGE_TOKEN_INDEX}) in input_ids "
+                             f"but {n_pix} images")
         embeds = self.language_model.model.embed_tokens(input_ids.masked_fill(is_image, 0))  # (B, T, D)
         if n_img == 0:
             return embeds, attention_mask, labels
@@ -576,14 +518,12 @@ class TinyLlava(nn.Module):
         return splice_images(input_ids, embeds, images, attention_mask, labels)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, return_logits=True):
-        """-> (logits (B, T', V), loss or None). T' counts the spliced image tokens.
-
-        return_logits=False (training, with labels): the loss alone, and logits None. The loss is the same,
-        but lm_head then runs only where a token is trained (see trained_cross_entropy)."""
+        """-> (logits (B, T', V), loss or None), T' counting image tokens. With return_logits=False
+        logits are None: same loss, lm_head only on trained positions (trained_cross_entropy)."""
         embeds, mask, labels = self.merge_inputs(input_ids, pixel_values, attention_mask, labels)
         mask = padding_mask(mask)
         if labels is not None and not return_logits:
-            hidden = self.language_model(inputs_embeds=embeds, attention_mask=mask, hidden=True)  # (B, T', D)
+            hidden = self.language_model(inputs_embeds=embeds, attention_mask=mask, hidden=True)
             total, n = trained_cross_entropy(hidden, labels, self.language_model.lm_head)
             return None, total / n.clamp(min=1)
         logits = self.language_model(inputs_embeds=embeds, attention_mask=mask)
@@ -591,34 +531,29 @@ class TinyLlava(nn.Module):
         return logits, loss
 
     def compile(self, *args, **kwargs):
-        """torch.compile the vision tower and the language model's body in place (nn.Module.compile's
-        arguments), but not the glue between them: the splice's shapes depend on the data (where the
-        placeholders are, how long each row becomes), so compiled it would only break the graph or recompile."""
+        """torch.compile the vision tower and LM body, not the glue: its shapes follow the data."""
         self.vision_tower.compile(*args, **kwargs)
         self.language_model.compile(*args, **kwargs)
 
     # --- generation ----------------------------------------------------------
-
     @torch.no_grad()
-    def stream(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, temperature=0.0, top_p=1.0, eos_token_id=None, generator=None):
-        """Yield the next token of every row, (B,) at a time, using a KV cache.
-
-        Prompts in a batch must be left-padded so that every row's next token goes in the same column.
-        Rows that produced an end token keep yielding it (callers cut at the first one)."""
+    def stream(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64,
+               temperature=0.0, top_p=1.0, eos_token_id=None, generator=None):
+        """Yield every row's next token, (B,), with a KV cache. Prompts must be left-padded: all
+        rows' next tokens go in one column. A finished row repeats its end token (cut at it)."""
         lm = self.language_model
         embeds, mask, _ = self.merge_inputs(input_ids, pixel_values, attention_mask)
         B, T, _ = embeds.shape
         eos = eos_token_id if eos_token_id is not None else lm.config.eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=embeds.device)
-        # under autocast, keys and values come out of the projections in the autocast dtype: cache them as such
-        device_type = embeds.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else embeds.dtype
-        cache = KVCache(lm.config, B, T + max_new_tokens, embeds.device, dtype)
-        mask = padding_mask(mask)  # None: positions and causality follow from the cache alone, no mask to grow per step
+        # under autocast the projections emit keys and values in the autocast dtype: cache in it too
+        kind = embeds.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else embeds.dtype
+        cache = KVCache(lm.config, B, T + max_new_tokens, device=embeds.device, dtype=dtype)
+        mask = padding_mask(mask)  # None: the cache gives positions and causality, no mask to grow
 
         def next_logits(mask, **inputs):  # -> (B, V)
-            # eagerly, even in a compiled model (TinyLlava.compile): the compiled body would recompile for
-            # every length of the cache
+            # eagerly, even in a compiled model: the compiled body would recompile per cache length
             with torch.compiler.set_stance("force_eager"):
                 return lm(**inputs, attention_mask=mask, cache=cache, last_only=True)[:, -1]
 
@@ -635,17 +570,21 @@ class TinyLlava(nn.Module):
                 mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             logits = next_logits(mask, input_ids=token[:, None])
 
-    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, temperature=0.0, top_p=1.0, eos_token_id=None, generator=None):
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64,
+                 temperature=0.0, top_p=1.0, eos_token_id=None, generator=None):
         """-> new token ids (B, n_new); a finished row is filled with the end token after it."""
-        tokens = list(self.stream(input_ids, pixel_values, attention_mask, max_new_tokens, temperature, top_p, eos_token_id, generator))
+        tokens = list(self.stream(input_ids, pixel_values, attention_mask, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
+                                  generator=generator))
         return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(input_ids.size(0), 0)
 
     # --- loading and saving --------------------------------------------------
-
     @classmethod
-    def from_parts(cls, vision_dir, llm_dir, projector="mlp2x_gelu", select_layer=-2, select_feature="patch", dtype=None, device=None):
-        """A new LLaVA from a pretrained vision tower and LLM; the projector starts random (stage 1 trains it)."""
-        vision = VisionTower.from_pretrained(vision_dir, dtype, device, select_layer, select_feature)
+    def from_parts(cls, vision_dir, llm_dir, projector="mlp2x_gelu", select_layer=-2,
+                   select_feature="patch", dtype=None, device=None):
+        """A new LLaVA from a pretrained vision tower and LLM; stage 1 trains the new projector."""
+        vision = VisionTower.from_pretrained(vision_dir, dtype, device, select_layer=select_layer,
+                                             select_feature=select_feature)
         lm = LanguageModel.from_pretrained(llm_dir, dtype, device)
         model = cls(vision, lm, projector)
         model.source_dir = llm_dir
@@ -654,29 +593,31 @@ class TinyLlava(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        """Load our own checkpoint, or a transformers LlavaForConditionalGeneration one (either key layout)."""
-        d = read_config(path)
+        """Load ours or a transformers LlavaForConditionalGeneration checkpoint (either layout)."""
+        d, where = read_config(path), f"{path}/config.json"
         if d.get("model_type") != "llava":
-            raise InputError(f"{path}/config.json: model_type {d.get('model_type')!r} is not 'llava'")
-        layer, strategy = d.get("vision_feature_layer", -2), d.get("vision_feature_select_strategy", "default")
+            raise InputError(f"{where}: model_type {d.get('model_type')!r} is not 'llava'")
+        layer = d.get("vision_feature_layer", -2)
+        strategy = d.get("vision_feature_select_strategy", "default")
         if not isinstance(layer, int):
-            raise InputError(f"{path}/config.json: vision_feature_layer {layer!r}: only a single layer is supported")
+            raise InputError(f"{where}: vision_feature_layer {layer!r}: only a single layer is supported")
         if strategy not in ("default", "full"):
-            raise InputError(f"{path}/config.json: unsupported vision_feature_select_strategy {strategy!r}")
+            raise InputError(f"{where}: unsupported vision_feature_select_strategy {strategy!r}")
         if d.get("projector_hidden_act", "gelu") != "gelu":
-            raise InputError(f"{path}/config.json: unsupported projector_hidden_act {d['projector_hidden_act']!r}")
-        vcfg = vision_config_from_hf(d["vision_config"], layer, "patch" if strategy == "default" else "cls_patch")
+            raise InputError(f"{where}: unsupported projector_hidden_act {d['projector_hidden_act']!r}")
+        feature = "patch" if strategy == "default" else "cls_patch"
+        vcfg = vision_config_from_hf(d["vision_config"], layer, feature)
         tcfg = lm_config_from_hf(d["text_config"])
         with torch.device("meta"):
-            model = cls(VisionTower(vcfg), LanguageModel(tcfg), d.get("projector_type", "mlp2x_gelu"), d.get("multimodal_projector_bias", True))
-        load_weights(model, read_safetensors(path, device), path, llava_key, dtype, device)
+            model = cls(VisionTower(vcfg), LanguageModel(tcfg), d.get("projector_type", "mlp2x_gelu"),
+                        d.get("multimodal_projector_bias", True))
+        load_weights(model, read_safetensors(path, device), path, llava_key, dtype=dtype, device=device)
         model.source_dir = path
-        model.sources = d.get("tinyllava_sources", {})
-        model.chat = d.get("tinyllava_chat", {})
+        model.sources, model.chat = d.get("tinyllava_sources", {}), d.get("tinyllava_chat", {})
         return model
 
     def save_pretrained(self, path):
-        """config.json + model.safetensors (+ tokenizer files), in the key layout transformers writes for LLaVA."""
+        """config.json + model.safetensors (+ tokenizer files), with transformers' LLaVA keys."""
         os.makedirs(path, exist_ok=True)
         write_json(os.path.join(path, "config.json"), self.config)
         save_safetensors(state_dict_for_save(self), os.path.join(path, "model.safetensors"))
@@ -687,12 +628,9 @@ class TinyLlava(nn.Module):
 
 
 def splice_images(input_ids, embeds, images, attention_mask, labels=None):
-    """The -200 splice itself: input_ids (B, T) with one placeholder per image, their token embeddings
-    (B, T, D), images (n_img, N, D) in placeholder order -> (B, T', D) embeddings, (B, T') mask, labels.
-
-    Every text token takes one position of the spliced row, every placeholder N, padding none: a running
-    sum of these widths says where each token lands. Two scatters then put the text and the images there,
-    for the whole batch at once (a loop over the rows would launch the same small kernels B times)."""
+    """The -200 splice: input_ids (B, T), embeddings (B, T, D), images (n_img, N, D) in placeholder
+    order -> (B, T', D), mask, labels. A text token takes 1 position, a placeholder N, padding 0: a
+    running sum of these widths says where each lands, and two scatters fill the whole batch."""
     B, N = input_ids.size(0), images.size(1)
     real = attention_mask.bool()
     is_image = (input_ids == IMAGE_TOKEN_INDEX) & real
@@ -700,10 +638,10 @@ def splice_images(input_ids, embeds, images, attention_mask, labels=None):
     end = width.cumsum(1)  # (B, T): where each token's span ends in its spliced row
     length = end[:, -1:]  # (B, 1): the spliced rows' lengths
     T2 = int(length.max())
-    # padding keeps the input's side: right for training, left for generation (every prompt ends at T2);
-    # left padding shows as a row that starts with padding and ends with a token (a row of padding alone says nothing)
+    # padding keeps its side: right for training, left for generation (all prompts end at T2); left
+    # padding shows as a row that starts with padding and ends with a token (all padding: no sign)
     left_padded = bool((~real[:, 0] & real[:, -1]).any())
-    shift = T2 - length if left_padded else torch.zeros_like(length)  # (B, 1): where each spliced row starts
+    shift = T2 - length if left_padded else torch.zeros_like(length)  # (B, 1): each row's start
     start = end - width + shift  # (B, T): each token's first position
     out = embeds.new_zeros(B, T2, embeds.size(-1))
     rows, cols = (real & ~is_image).nonzero(as_tuple=True)  # the text tokens
@@ -728,7 +666,7 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     probs = F.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         p, idx = probs.sort(dim=-1, descending=True)
-        # keep the smallest set of top tokens whose mass reaches top_p (the first token is always kept)
+        # keep the smallest set of top tokens whose mass reaches top_p (the top one always stays)
         p[(p.cumsum(-1) - p) >= top_p] = 0
         probs = torch.zeros_like(probs).scatter(-1, idx, p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -736,17 +674,20 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 
 def parameter_table(model):
     rows = [("part", "parameters", "trainable")]
-    for name, part in (("vision", model.vision_tower), ("projector", model.multi_modal_projector), ("llm", model.language_model)):
+    for name, part in (("vision", model.vision_tower), ("projector", model.multi_modal_projector),
+                       ("llm", model.language_model)):
         params = list(part.parameters())
         rows.append((name, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)))
     rows.append(("total", sum(r[1] for r in rows[1:]), sum(r[2] for r in rows[1:])))
-    return "\n".join(f"{a:<10} {b:>14,} {c:>14,}" if i else f"{a:<10} {b:>14} {c:>14}" for i, (a, b, c) in enumerate(rows))
+    return "\n".join(f"{a:<10} {b:>14,} {c:>14,}" if i else f"{a:<10} {b:>14} {c:>14}"
+                     for i, (a, b, c) in enumerate(rows))
 
 
 # -----------------------------------------------------------------------------
 # Configs: from and to the checkpoints' own config.json
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "preprocessor_config.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "preprocessor_config.json", "chat_template.jinja")
 
 # transformers' defaults for fields that a config.json may leave out
 VISION_DEFAULTS = {
@@ -779,9 +720,11 @@ def vision_config_from_hf(d, select_layer=-2, select_feature="patch"):
         d = {**d.get("vision_config", {}), "model_type": d["model_type"] + "_vision_model"}
     mt = d.get("model_type")
     if mt not in VISION_DEFAULTS:
-        raise InputError(f"unsupported vision model_type {mt!r}; supported: clip, siglip and their vision models")
+        raise InputError(f"unsupported vision model_type {mt!r}; "
+                         "supported: clip, siglip and their vision models")
     fields = {**asdict(VisionConfig()), **VISION_DEFAULTS[mt]}
-    cfg = VisionConfig(**{k: d.get(k, v) for k, v in fields.items() if k not in ("select_layer", "select_feature")},
+    ours = ("select_layer", "select_feature")  # LLaVA's choice, not the checkpoint's
+    cfg = VisionConfig(**{k: d.get(k, v) for k, v in fields.items() if k not in ours},
                        select_layer=select_layer, select_feature=select_feature)
     get_activation(cfg.hidden_act)  # fail now, naming it, rather than at the first forward
     return cfg
@@ -789,8 +732,8 @@ def vision_config_from_hf(d, select_layer=-2, select_feature="patch"):
 
 def vision_config_to_hf(cfg, num_layers):
     d = {k: v for k, v in asdict(cfg).items() if k not in ("select_layer", "select_feature")}
-    arch = {"clip_vision_model": "CLIPVisionModel", "siglip_vision_model": "SiglipVisionModel"}[cfg.model_type]
-    return {**d, "num_hidden_layers": num_layers, "architectures": [arch]}
+    arch = {"clip_vision_model": "CLIPVisionModel", "siglip_vision_model": "SiglipVisionModel"}
+    return {**d, "num_hidden_layers": num_layers, "architectures": [arch[cfg.model_type]]}
 
 
 def lm_config_from_hf(d):
@@ -799,8 +742,9 @@ def lm_config_from_hf(d):
         raise InputError(f"unsupported language model_type {mt!r}; supported: {sorted(LM_DEFAULTS)}")
     get_activation(d.get("hidden_act", "silu"))
     if d.get("hidden_act", "silu") != "silu":
-        raise InputError(f"unsupported hidden_act {d['hidden_act']!r} for a Llama-style MLP (expected 'silu')")
-    # newer transformers write rope settings as a `rope_parameters` dict, older ones as top-level keys
+        raise InputError(f"unsupported hidden_act {d['hidden_act']!r} for a Llama-style MLP "
+                         "(expected 'silu')")
+    # newer transformers write rope settings as a `rope_parameters` dict, older as top-level keys
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
@@ -830,11 +774,10 @@ def lm_config_to_hf(cfg):
 def llava_config_to_hf(model):
     v = model.vision_tower.config
     return {
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
         "vision_config": vision_config_to_hf(v, len(model.vision_tower.encoder.layers)),
         "text_config": lm_config_to_hf(model.language_model.config),
-        # the built tower has exactly the layers the feature needs, so the feature is its last hidden state
+        # the built tower ends at the selected layer: the feature is its last hidden state
         "vision_feature_layer": -1,
         "vision_feature_select_strategy": "default" if v.select_feature == "patch" else "full",
         "projector_hidden_act": "gelu",
@@ -842,17 +785,15 @@ def llava_config_to_hf(model):
         "multimodal_projector_bias": model.multi_modal_projector.linear_1.bias is not None,
         "image_token_index": IMAGE_TOKEN_INDEX,
         "tie_word_embeddings": model.language_model.config.tie_word_embeddings,
-        "tinyllava_sources": model.sources,
-        "tinyllava_chat": model.chat,
+        "tinyllava_sources": model.sources, "tinyllava_chat": model.chat,
     }
 
 
 # -----------------------------------------------------------------------------
 # Weights: strict loading, near-identity key maps
 
-
 def read_safetensors(path, device=None):
-    """All tensors of a checkpoint directory (single file or sharded), read straight onto `device`."""
+    """All tensors of a checkpoint directory (one file or sharded), read straight onto `device`."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -860,21 +801,20 @@ def read_safetensors(path, device=None):
     elif os.path.isfile(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
-        raise InputError(f"no model.safetensors or model.safetensors.index.json in {path!r} (only safetensors is supported)")
+        raise InputError(f"no model.safetensors or model.safetensors.index.json in {path!r} "
+                         "(only safetensors is supported)")
     tensors = {}
     for name in files:
         with safe_open(os.path.join(path, name), framework="pt", device=str(device or "cpu")) as f:
-            for k in f.keys():
-                tensors[k] = f.get_tensor(k)
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
     return tensors
 
 
 def vision_key(k):
     """CLIP/SigLIP checkpoint key -> VisionTower key, or None to ignore it deliberately."""
     k = k.removeprefix("vision_model.")
-    if k.startswith(("text_model.", "text_projection", "visual_projection", "logit_", "post_layernorm", "head.")):
-        return None  # the text tower, the contrastive heads, and parts LLaVA's feature never uses
-    return k
+    unused = ("text_model.", "text_projection", "visual_projection", "logit_", "post_layernorm", "head.")
+    return None if k.startswith(unused) else k  # text tower, contrastive heads, parts LLaVA skips
 
 
 def lm_key(k):
@@ -882,8 +822,7 @@ def lm_key(k):
 
 
 def llava_key(k):
-    """LLaVA checkpoint key -> TinyLlava key. Handles the hub layout (`language_model.model.*`,
-    `vision_tower.vision_model.*`) and the newer one (`model.language_model.*`, `model.vision_tower.*`)."""
+    """LLaVA key -> ours, from the hub layout (language_model.model.*) or the newer (model.*)."""
     if k.startswith("model.language_model."):
         return "language_model.model." + k.removeprefix("model.language_model.")
     if k == "lm_head.weight":
@@ -896,10 +835,8 @@ def llava_key(k):
 
 
 def load_weights(model, tensors, path, key_map, dtype=None, device=None):
-    """Fill every parameter of `model` (possibly on the meta device) from `tensors`, strictly.
-
-    Each checkpoint key maps to a parameter or is deliberately ignored (key_map returns None); vision
-    layers past the selected feature are ignored too. Anything else is an error naming the keys."""
+    """Fill every parameter of `model` (maybe on meta) from `tensors`, strictly: each key maps to
+    one, is ignored (key_map gives None, or a vision layer past the feature), or is an error."""
     params = dict(model.named_parameters())  # tied weights appear once
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - params.keys()
     mapped, unexpected = {}, []
@@ -912,7 +849,8 @@ def load_weights(model, tensors, path, key_map, dtype=None, device=None):
         else:
             unexpected.append(k)
     missing = sorted(params.keys() - mapped.keys())
-    wrong = [f"{n}: checkpoint {tuple(mapped[n].shape)} vs model {tuple(params[n].shape)}" for n in params if n in mapped and mapped[n].shape != params[n].shape]
+    wrong = [f"{n}: checkpoint {tuple(mapped[n].shape)} vs model {tuple(params[n].shape)}"
+             for n in params if n in mapped and mapped[n].shape != params[n].shape]
     problems = [("missing key", missing), ("unexpected key", sorted(unexpected)), ("wrong shape", wrong)]
     if any(keys for _, keys in problems):  # one line, the first few of each kind
         raise InputError(f"cannot load {path!r}: " + "; ".join(
@@ -923,7 +861,7 @@ def load_weights(model, tensors, path, key_map, dtype=None, device=None):
         t = mapped[name].to(device=device or mapped[name].device, dtype=dtype or torch.float32)
         setattr(model.get_submodule(module_name), attr, nn.Parameter(t, requires_grad=p.requires_grad))
     for lm in (m for m in model.modules() if isinstance(m, LanguageModel) and m.config.tie_word_embeddings):
-        lm.lm_head.weight = lm.model.embed_tokens.weight  # re-tie: assignment above replaced the shared Parameter
+        lm.lm_head.weight = lm.model.embed_tokens.weight  # re-tie: setattr replaced the shared one
 
 
 def skipped_vision_layer(model, name):
@@ -936,14 +874,13 @@ def skipped_vision_layer(model, name):
 
 
 def build_on_meta(cls, cfg):
-    # build without allocating or initialising weights: the checkpoint supplies every one of them,
-    # so a 7B model never exists as a CPU fp32 copy on its way to the GPU
+    # no weights allocated or initialised (the checkpoint has them all): no 7B fp32 copy on the CPU
     with torch.device("meta"):
         return cls(cfg)
 
 
 def state_dict_for_save(model):
-    """The model's tensors without duplicates (a tied lm_head is stored once, as transformers does)."""
+    """The model's tensors without duplicates (a tied lm_head once, as transformers stores it)."""
     return {k: p.detach().contiguous() for k, p in model.named_parameters()}
 
 
@@ -954,8 +891,7 @@ def save_safetensors(tensors, file):
 
 
 def command_line(main):
-    """Run a script's main(): a user's mistake prints `error: <message>` and exits with code 2, no
-    traceback; a bug keeps its traceback."""
+    """Run main(): a user's mistake prints `error: <message>`, exit 2; a bug keeps its traceback."""
     try:
         main()
     except (InputError, FileNotFoundError) as e:

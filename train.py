@@ -1,17 +1,18 @@
 """
-A generic training loop, shared by stage 0 (the offline stand-ins), stage 1 (train_pt.py) and stage 2
-(train_sft.py). Nothing in it is about LLaVA: a caller decides *what* is trained (by setting
-requires_grad) and hands it a model, a data set, a collate function and a loss; the loop does the rest:
+A generic training loop, shared by stage 0 (the offline stand-ins), stage 1 (train_pt.py) and
+stage 2 (train_sft.py). Nothing in it is about LLaVA: a caller decides *what* is trained (by setting
+requires_grad) and hands it a model, a data set, a collate function and a loss; the loop does the
+rest:
 
-  AdamW (weight decay on matrices only) · linear warmup then cosine decay · gradient accumulation ·
-  gradient clipping · bf16 autocast (CUDA by default) · optional torch.compile and gradient checkpointing ·
-  DDP through torchrun (gloo on CPU) · a tqdm bar (loss, lr, tokens/s) · metrics.jsonl · periodic eval loss ·
-  atomic checkpoints and --resume · loss.png at the end.
+  AdamW (weight decay on matrices only) · linear warmup then cosine decay · gradient
+  accumulation · gradient clipping · bf16 autocast (CUDA by default) · optional torch.compile and
+  gradient checkpointing · DDP through torchrun (gloo on CPU) · a tqdm bar (loss, lr, tokens/s) ·
+  metrics.jsonl · periodic eval loss · atomic checkpoints and --resume · loss.png at the end.
 
-The loss is normalised by the number of trained tokens in the whole *global* batch (all micro-batches,
-all processes), not averaged per micro-batch: so 1 process x 4 micro-batches, 2 processes x 2, and one
-big batch all compute the same loss and the same gradient (a short answer counts as much as a long one
-per token, whatever batch it landed in).
+The loss is normalised by the number of trained tokens in the whole *global* batch (all
+micro-batches, all processes), not averaged per micro-batch: so 1 process x 4 micro-batches,
+2 processes x 2, and one big batch all compute the same loss and the same gradient (a short answer
+counts as much as a long one per token, whatever batch it landed in).
 """
 
 import argparse
@@ -36,21 +37,28 @@ class TrainConfig:
     out_dir: str = "runs/out"  # checkpoint.pt, metrics.jsonl and loss.png are written here
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
     epochs: float = 1.0  # passes over the training set (fractions allowed)
-    batch_size: int = 32  # global batch: samples per optimizer step, over all processes and micro-batches
-    micro_batch_size: int = 32  # samples per forward pass in one process; the rest is gradient accumulation
+    # global batch: samples per optimizer step, over all processes and micro-batches
+    batch_size: int = 32
+    # samples per forward pass in one process; the rest is gradient accumulation
+    micro_batch_size: int = 32
     warmup: float = 0.03  # fraction of the steps over which the lr ramps up linearly from 0
     min_lr: float = 0.0  # the cosine decays to this fraction of lr
     weight_decay: float = 0.0  # AdamW decay, applied to matrices only (not to biases or norm gains)
-    beta2: float = 0.999  # AdamW's second-moment decay (LLaVA's); 0.95 adapts faster, for LMs trained from scratch (nanoGPT)
+    # AdamW's second-moment decay (LLaVA's); 0.95 adapts faster, for LMs from scratch (nanoGPT)
+    beta2: float = 0.999
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    bf16: bool | None = None  # bf16 autocast; None = on CUDA only (on many CPUs bf16 matmuls are slower than fp32)
-    compile: bool = False  # model.compile() in place (a TinyLlava compiles its vision tower and decoder body)
-    grad_checkpointing: bool = False  # recompute activations in backward (modules with that flag): less memory, more time
+    # bf16 autocast; None = on CUDA only (on many CPUs bf16 matmuls are slower than fp32)
+    bf16: bool | None = None
+    # model.compile() in place (a TinyLlava compiles its vision tower and decoder body)
+    compile: bool = False
+    # recompute activations in backward (modules with that flag): less memory, more time
+    grad_checkpointing: bool = False
     seed: int = 0  # data order (and the caller's initialisation)
     eval_every: int = 0  # steps between eval-loss passes; 0 = only at the end
     save_every: int = 200  # steps between checkpoints (and one at the end)
     resume: bool = False  # continue from out_dir/checkpoint.pt
-    max_steps: int = 0  # stop after this many steps (the schedule still spans the whole run); 0 = run all
+    # stop after this many steps (the schedule still spans the whole run); 0 = run all
+    max_steps: int = 0
     progress: bool = True  # show the tqdm bar
 
 
@@ -61,20 +69,27 @@ def add_train_args(parser):
     g.add_argument("--lr", type=float, help="peak learning rate")
     g.add_argument("--epochs", type=float, help="passes over the training set")
     g.add_argument("--batch-size", type=int, help="global batch size (samples per optimizer step)")
-    g.add_argument("--micro-batch-size", type=int, help="samples per forward pass per process (gradient accumulation)")
+    g.add_argument("--micro-batch-size", type=int,
+                   help="samples per forward pass per process (gradient accumulation)")
     g.add_argument("--warmup", type=float, help="fraction of steps for linear warmup")
     g.add_argument("--min-lr", type=float, help="final lr as a fraction of --lr")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices")
     g.add_argument("--beta2", type=float, help="AdamW second-moment decay")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0 = off)")
-    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on CUDA only)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
-    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="gradient checkpointing in the LLM")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--eval-every", type=int, help="steps between eval-loss passes (0 = at the end only)")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="bf16 autocast (default: on CUDA only)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="gradient checkpointing in the LLM")
+    g.add_argument("--seed", type=int, help="initialisation and data order (stage 1: of stage 0 too)")
+    g.add_argument("--eval-every", type=int,
+                   help="steps between eval-loss passes (0 = at the end only)")
     g.add_argument("--save-every", type=int, help="steps between checkpoints")
-    g.add_argument("--resume", action=argparse.BooleanOptionalAction, help="continue from OUT_DIR/checkpoint.pt")
-    g.add_argument("--max-steps", type=int, help="stop after this many steps (smoke tests); 0 = all")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction,
+                   help="continue from OUT_DIR/checkpoint.pt")
+    g.add_argument("--max-steps", type=int,
+                   help="stop after this many steps (smoke tests); 0 = all")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show a progress bar")
     parser.set_defaults(**asdict(TrainConfig()))
 
@@ -98,14 +113,17 @@ def init_distributed():
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        if "OMP_NUM_THREADS" not in os.environ:  # the usual knob; e.g. 1 on a machine busy with other work
-            # two processes on a small CPU must share its cores, not each claim all of them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        # OMP_NUM_THREADS is the usual knob (e.g. 1 on a machine busy with other work); without it,
+        # two processes on a small CPU must share its cores, not each claim all of them
+        if "OMP_NUM_THREADS" not in os.environ:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return rank, world, device
 
 
 def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -113,8 +131,8 @@ def to_device(batch, device):
 
 
 def make_optimizer(model, lr, weight_decay, beta2, device):
-    """AdamW over the trainable parameters. Decay only matrices (weights of linear layers, embeddings):
-    decaying biases and norm gains towards 0 only hurts, as in nanoGPT and LLaVA."""
+    """AdamW over the trainable parameters. Decay only matrices (weights of linear layers,
+    embeddings): decaying biases and norm gains towards 0 only hurts, as in nanoGPT and LLaVA."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise InputError("nothing to train: no parameter has requires_grad=True")
@@ -124,7 +142,8 @@ def make_optimizer(model, lr, weight_decay, beta2, device):
 
 
 def lr_at(step, total, cfg):
-    """Linear warmup from 0 to lr over warmup*total steps, then cosine decay to min_lr*lr (step is 0-based)."""
+    """Linear warmup from 0 to lr over warmup*total steps, then cosine decay to min_lr*lr
+    (step is 0-based)."""
     warm = math.ceil(cfg.warmup * total)
     if step < warm:
         return cfg.lr * (step + 1) / warm
@@ -136,19 +155,22 @@ GROUP_BATCHES = 50  # batches per window sorted by length (epoch_batches)
 
 
 def epoch_batches(n, batch_size, epoch, seed, lengths=None):
-    """The global batches of one epoch: a fresh permutation per epoch, a function of (seed, epoch) only,
-    so a resumed run sees exactly the batches the killed one would have. The last partial batch is
-    dropped: every step then has the same size, and the schedule does not depend on the data's tail.
+    """The global batches of one epoch: a fresh permutation per epoch, a function of (seed, epoch)
+    only, so a resumed run sees exactly the batches the killed one would have. The last partial
+    batch is dropped: every step then has the same size, and the schedule does not depend on the
+    data's tail.
 
-    With lengths (one per sample), batches hold samples of similar length, so little of a batch is padding:
-    the permutation is cut into windows of GROUP_BATCHES batches, each window sorted by length and cut into
-    batches, and the batches shuffled (as Hugging Face's group_by_length, which LLaVA's sampler builds on).
-    Which samples share a window is still random, so a batch is a random draw among samples of its length."""
+    With lengths (one per sample), batches hold samples of similar length, so little of a batch is
+    padding: the permutation is cut into windows of GROUP_BATCHES batches, each window sorted by
+    length and cut into batches, and the batches shuffled (as Hugging Face's group_by_length, which
+    LLaVA's sampler builds on). Which samples share a window is still random, so a batch is a random
+    draw among samples of its length."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()[: n - n % batch_size]
     if lengths is not None:
         window = GROUP_BATCHES * batch_size
-        perm = [i for k in range(0, len(perm), window) for i in sorted(perm[k : k + window], key=lambda i: lengths[i])]
+        windows = [perm[k : k + window] for k in range(0, len(perm), window)]
+        perm = [i for w in windows for i in sorted(w, key=lambda i: lengths[i])]
     batches = [perm[k : k + batch_size] for k in range(0, len(perm), batch_size)]
     if lengths is not None:
         batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
@@ -156,8 +178,8 @@ def epoch_batches(n, batch_size, epoch, seed, lengths=None):
 
 
 # -----------------------------------------------------------------------------
-# The loop. A loss function returns (summed loss, trained targets, positions processed) of a batch; the
-# loop divides by the global number of targets.
+# The loop. A loss function returns (summed loss, trained targets, positions processed) of a batch;
+# the loop divides by the global number of targets.
 
 
 def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=None):
@@ -183,17 +205,20 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
         raise InputError(f"batch size {cfg.batch_size} is not divisible by {world} processes")
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise InputError(f"{len(train_set)} training samples are fewer than one batch of {cfg.batch_size}")
+        raise InputError(f"{len(train_set)} training samples are fewer than one batch of "
+                         f"{cfg.batch_size}")
     total = max(1, round(cfg.epochs * steps_per_epoch))
     trainable = {n: p for n, p in raw.named_parameters() if p.requires_grad}
     optimizer = make_optimizer(raw, cfg.lr, cfg.weight_decay, cfg.beta2, device)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_file, log_file = os.path.join(cfg.out_dir, "checkpoint.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
-    run_id = dict(total=total, batch_size=cfg.batch_size, seed=cfg.seed, n=len(train_set), params=sorted(trainable),
-                  grouped=lengths is not None)
+    ckpt_file = os.path.join(cfg.out_dir, "checkpoint.pt")
+    log_file = os.path.join(cfg.out_dir, "metrics.jsonl")
+    run_id = dict(total=total, batch_size=cfg.batch_size, seed=cfg.seed, n=len(train_set),
+                  params=sorted(trainable), grouped=lengths is not None)
     start, log = 0, []
     if cfg.resume:
-        start, log = resume(ckpt_file, log_file, run_id, trainable, optimizer, device, master)
+        start, log = resume(ckpt_file, log_file, run_id=run_id, trainable=trainable,
+                            optimizer=optimizer, device=device, master=master)
     if master:
         write_jsonl(log_file, log)
 
@@ -201,15 +226,17 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
         return to_device(collate_fn([dataset[i] for i in idx]), device)
 
     def eval_loss():
-        return evaluate(model, raw, eval_set, make_batch, loss_fn, cfg.micro_batch_size, autocast)
+        return evaluate(model, raw, eval_set, make_batch=make_batch, loss_fn=loss_fn,
+                        micro_batch_size=cfg.micro_batch_size, autocast=autocast)
 
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
     if master:
-        print(f"training {sum(p.numel() for p in trainable.values()):,} parameters: {total} steps of "
+        n_params = sum(p.numel() for p in trainable.values())
+        print(f"training {n_params:,} parameters: {total} steps of "
               f"{cfg.batch_size} samples ({steps_per_epoch} steps/epoch), {world} process(es), "
               f"{'bf16' if bf16 else 'fp32'} on {device.type}")
-    bar = tqdm(range(start, stop), initial=start, total=total, disable=not (master and cfg.progress),
-               dynamic_ncols=True)
+    bar = tqdm(range(start, stop), initial=start, total=total,
+               disable=not (master and cfg.progress), dynamic_ncols=True)
     model.train()
     t_start, batches_epoch = time.time(), None
     for step in bar:
@@ -219,10 +246,14 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
             group["lr"] = lr
         epoch, k = divmod(step, steps_per_epoch)
         if epoch != batches_epoch:
-            batches, batches_epoch = epoch_batches(len(train_set), cfg.batch_size, epoch, cfg.seed, lengths), epoch
+            batches = epoch_batches(len(train_set), cfg.batch_size, epoch=epoch, seed=cfg.seed,
+                                    lengths=lengths)
+            batches_epoch = epoch
         mine = batches[k][rank::world]
-        micro = [mine[j : j + cfg.micro_batch_size] for j in range(0, len(mine), cfg.micro_batch_size)]
-        loss, n_tokens = backward(model, micro, partial(make_batch, train_set), loss_fn, autocast, world)
+        mb = cfg.micro_batch_size
+        micro = [mine[j : j + mb] for j in range(0, len(mine), mb)]
+        loss, n_tokens = backward(model, micro, partial(make_batch, train_set), loss_fn=loss_fn,
+                                  autocast=autocast, world=world)
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss} at step {step + 1} (lr {lr:.2e}); "
                                      "nothing was saved for this step")
@@ -233,7 +264,8 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
 
         dt = time.time() - t0
         row = dict(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 4), loss=loss, lr=lr,
-                   grad_norm=grad_norm.item(), tok_s=round(n_tokens / dt), time=round(time.time() - t_start, 2))
+                   grad_norm=grad_norm.item(), tok_s=round(n_tokens / dt),
+                   time=round(time.time() - t_start, 2))
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", tok_s=f"{n_tokens / dt:,.0f}")
         eval_now = (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total
         if eval_set is not None and len(eval_set) and eval_now:
@@ -256,13 +288,14 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
 
 
 def backward(model, micro_batches, make_batch, loss_fn, autocast, world):
-    """Forward and backward over this process's micro-batches (lists of sample indices) of one step; leaves
-    in each .grad the gradient of the global batch's mean loss. Returns (that mean loss, positions processed)."""
+    """Forward and backward over this process's micro-batches (lists of sample indices) of one step;
+    leaves in each .grad the gradient of the global batch's mean loss.
+    Returns (that mean loss, positions processed)."""
     device = next(model.parameters()).device
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # summed loss, targets, positions
     for j, idx in enumerate(micro_batches):
         batch = make_batch(idx)
-        # DDP averages gradients across processes at every backward; skip that until the last micro-batch
+        # DDP averages gradients across processes at every backward: skip it until the last micro-batch
         sync = nullcontext() if world == 1 or j == len(micro_batches) - 1 else model.no_sync()
         with sync:
             with autocast:
@@ -281,15 +314,16 @@ def backward(model, micro_batches, make_batch, loss_fn, autocast, world):
 
 
 def evaluate(model, raw, eval_set, make_batch, loss_fn, micro_batch_size, autocast):
-    """Mean loss per target over eval_set, each process taking every world-th micro-batch. `model` (maybe
-    DDP) switches modes; the loss runs on `raw`, so no gradient sync is set up."""
+    """Mean loss per target over eval_set, each process taking every world-th micro-batch. `model`
+    (maybe DDP) switches modes; the loss runs on `raw`, so no gradient sync is set up."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(raw.parameters()).device
     model.eval()
     sums = torch.zeros(2, device=device, dtype=torch.float64)
     with torch.no_grad(), autocast:
         for k in range(rank * micro_batch_size, len(eval_set), world * micro_batch_size):
-            s, n, _ = loss_fn(raw, make_batch(eval_set, range(k, min(k + micro_batch_size, len(eval_set)))))
+            idx = range(k, min(k + micro_batch_size, len(eval_set)))
+            s, n, _ = loss_fn(raw, make_batch(eval_set, idx))
             sums += torch.stack([s.double(), torch.as_tensor(n, device=device).double()])
     if world > 1:
         dist.all_reduce(sums)
@@ -304,7 +338,8 @@ def evaluate(model, raw, eval_set, make_batch, loss_fn, micro_batch_size, autoca
 def save_checkpoint(file, step, run_id, trainable, optimizer):
     """The trained weights, the optimizer and the RNG states after `step` (process 0 writes it)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+        rng = {"cpu": torch.get_rng_state(), "cuda": cuda_rng}
         state = dict(step=step, run=run_id, model={n: p.detach() for n, p in trainable.items()},
                      optimizer=optimizer.state_dict(), rng=rng)
         torch.save(state, file + ".tmp")
@@ -314,15 +349,16 @@ def save_checkpoint(file, step, run_id, trainable, optimizer):
 
 
 def resume(ckpt_file, log_file, run_id, trainable, optimizer, device, master):
-    """(step, metrics so far) from ckpt_file, loaded into the weights and optimizer; (0, []) if there is none."""
+    """(step, metrics so far) from ckpt_file, loaded into the weights and optimizer;
+    (0, []) if there is none."""
     if not os.path.exists(ckpt_file):
         if master:
             print(f"--resume: no {ckpt_file} yet, starting from scratch")
         return 0, []
     ckpt = torch.load(ckpt_file, map_location=device, weights_only=False)
     if ckpt["run"] != run_id:
-        raise InputError(f"{ckpt_file} belongs to a different run (steps, batch, seed, data size, length grouping "
-                         "or trained parameters differ)")
+        raise InputError(f"{ckpt_file} belongs to a different run (steps, batch, seed, data size, "
+                         "length grouping or trained parameters differ)")
     with torch.no_grad():
         for n, p in trainable.items():
             p.copy_(ckpt["model"][n])

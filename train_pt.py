@@ -27,15 +27,24 @@ import chat
 import data
 import train
 from offline import standins
-from tinyllava import IGNORE_INDEX, InputError, TinyLlava, command_line, parameter_table, save_safetensors, \
-    state_dict_for_save, write_json
+from tinyllava import (
+    IGNORE_INDEX,
+    InputError,
+    TinyLlava,
+    command_line,
+    parameter_table,
+    save_safetensors,
+    state_dict_for_save,
+    write_json,
+)
 
 TRAINABLE = ("projector",)  # frozen: vision, llm
 TEMPLATE = "plain"
 # LLaVA-1.5's stage 1: lr 1e-3, no weight decay, warmup 3%, cosine, 1 epoch, batch 256
-RECIPE = dict(lr=1e-3, weight_decay=0.0, warmup=0.03, epochs=1, batch_size=256, micro_batch_size=32, out_dir="runs/pt")
-# offline: 3,500 captions is ~1/160 of LLaVA's 558k, so several epochs with a smaller batch (more steps) and
-# a higher lr, the best of 3e-3 / 1e-2 / 3e-2 on the held-out caption loss (docs/results.md)
+RECIPE = dict(lr=1e-3, weight_decay=0.0, warmup=0.03, epochs=1, batch_size=256, micro_batch_size=32,
+              out_dir="runs/pt")
+# offline: 3,500 captions is ~1/160 of LLaVA's 558k, so several epochs with a smaller batch (more
+# steps) and a higher lr, chosen on the held-out caption loss (docs/results.md)
 OFFLINE = dict(RECIPE, lr=1e-2, epochs=6, batch_size=32, eval_every=100)
 PROJECTOR_FILE = "projector.safetensors"
 
@@ -43,14 +52,17 @@ PROJECTOR_FILE = "projector.safetensors"
 def main(argv=None):
     """Run the stage; returns the trained model (the tests inspect it)."""
     parser = stage_parser(__doc__)
-    parser.add_argument("--vision", help="CLIP / SigLIP checkpoint directory (default: the offline stand-in)")
-    parser.add_argument("--llm", help="Llama / Qwen2 checkpoint directory (default: the offline stand-in)")
+    parser.add_argument("--vision",
+                        help="CLIP / SigLIP checkpoint directory (default: the offline stand-in)")
+    parser.add_argument("--llm",
+                        help="Llama / Qwen2 checkpoint directory (default: the offline stand-in)")
     parser.add_argument("--projector", default="mlp2x_gelu", choices=["mlp2x_gelu", "linear"])
-    args = parse_stage_args(parser, argv, RECIPE, OFFLINE, lambda a: a.vision is None and a.llm is None)
+    args = parse_stage_args(parser, argv, recipe=RECIPE, offline_recipe=OFFLINE,
+                            is_offline=lambda a: a.vision is None and a.llm is None)
     offline = args.vision is None and args.llm is None
     if offline:
         args.data = args.data or os.path.join(standins.ensure_shapes(), "captions.json")
-        args.vision, args.llm = standins.ensure_standins(progress=args.progress)
+        args.vision, args.llm = standins.ensure_standins(seed=args.seed, progress=args.progress)
     elif None in (args.vision, args.llm, args.data):
         parser.error("with real weights, give --vision, --llm and --data")
 
@@ -75,10 +87,12 @@ def show_captions(model, tokenizer, test_file, n=6):
     folder = os.path.dirname(test_file)
     image = data.ChatConfig.from_dict(model.chat).image
     prompt = data.build_prompt([{"from": "human", "value": data.IMAGE_TAG}], tokenizer, TEMPLATE)
-    pixels = torch.stack([data.load_image(os.path.join(folder, s["image"]), image) for s in samples])
+    pixels = torch.stack([data.load_image(os.path.join(folder, s["image"]), image)
+                          for s in samples])
     model.eval()
     stop = chat.stop_ids(model, tokenizer, TEMPLATE)
-    captions = chat.answer_batch(model, tokenizer, [prompt] * len(samples), pixels, stop, max_new_tokens=48)
+    captions = chat.answer_batch(model, tokenizer, [prompt] * len(samples), pixel_values=pixels,
+                                 stop=stop, max_new_tokens=48)
     print("captions of held-out images after stage 1:")
     for s, c in zip(samples, captions):
         print(f"  {s['image']}: {c}")
@@ -91,7 +105,8 @@ def show_captions(model, tokenizer, test_file, n=6):
 def freeze(model, trainable_parts):
     """requires_grad=True exactly for the named parts of a TinyLlava ("vision", "projector", "llm"),
     then print the table that shows it."""
-    parts = {"vision": model.vision_tower, "projector": model.multi_modal_projector, "llm": model.language_model}
+    parts = {"vision": model.vision_tower, "projector": model.multi_modal_projector,
+             "llm": model.language_model}
     unknown = set(trainable_parts) - parts.keys()
     if unknown:
         raise InputError(f"unknown parts {sorted(unknown)}; parts are {sorted(parts)}")
@@ -101,9 +116,10 @@ def freeze(model, trainable_parts):
 
 
 def llava_loss(model, batch):
-    """LLaVA batches from data.collate: next-token loss on the answer tokens (labels != -100), summed, with
-    the number of targets and of positions (image tokens included)."""
-    _, loss = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"],
+    """LLaVA batches from data.collate: next-token loss on the answer tokens (labels != -100),
+    summed, with the number of targets and of positions (image tokens included)."""
+    _, loss = model(batch["input_ids"], pixel_values=batch["pixel_values"],
+                    attention_mask=batch["attention_mask"], labels=batch["labels"],
                     return_logits=False)
     n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the targets the loss averaged over
     n_images = 0 if batch["pixel_values"] is None else batch["pixel_values"].size(0)
@@ -114,22 +130,29 @@ def llava_loss(model, batch):
 
 def stage_parser(doc):
     """The flags both stages take; each script adds its own sources (--vision/--llm or --pt)."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="LLaVA-format JSON/JSONL file (default: the shapes data set, made if missing)")
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data",
+                        help="LLaVA-format JSON/JSONL file "
+                             "(default: the shapes data set, made if missing)")
     parser.add_argument("--image-folder",
-                        help="folder the samples' image paths are relative to (default: the data file's)")
+                        help="folder the samples' image paths are relative to "
+                             "(default: the data file's)")
     parser.add_argument("--max-len", type=int, default=None,
-                        help="max positions per sample, image patches included (default: the LLM's context)")
-    parser.add_argument("--eval-frac", type=float, default=0.02, help="fraction of the data held out for the eval loss")
+                        help="max positions per sample, image patches included "
+                             "(default: the LLM's context)")
+    parser.add_argument("--eval-frac", type=float, default=0.02,
+                        help="fraction of the data held out for the eval loss")
     parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
-                        help="batch samples of similar length together: less padding (as LLaVA-1.5 groups them)")
+                        help="batch samples of similar length together: less padding "
+                             "(as LLaVA-1.5 groups them)")
     train.add_train_args(parser)
     return parser
 
 
 def parse_stage_args(parser, argv, recipe, offline_recipe, is_offline):
-    """Parse with the stage's defaults: the published recipe for real weights, the offline one otherwise.
-    Flags given on the command line win over both."""
+    """Parse with the stage's defaults: the published recipe for real weights, the offline one
+    otherwise. Flags given on the command line win over both."""
     parser.set_defaults(**recipe)
     args = parser.parse_args(argv)
     if is_offline(args):
@@ -139,7 +162,8 @@ def parse_stage_args(parser, argv, recipe, offline_recipe, is_offline):
 
 
 def image_settings(vision_dir):
-    """How images are prepared for this vision tower: its processor's size, mean and std, LLaVA-1.5's 'pad'."""
+    """How images are prepared for this vision tower: its processor's size, mean and std, and
+    LLaVA-1.5's 'pad'."""
     return replace(data.load_image_processor_config(vision_dir), mode="pad")
 
 
@@ -148,7 +172,7 @@ def llava_datasets(model, args, tokenizer):
     Every round(1 / eval_frac)-th sample is held out for the eval loss."""
     settings = data.ChatConfig.from_dict(model.chat)
     context = args.max_len or model.language_model.config.max_position_embeddings
-    # the data path counts the image placeholder as one id; the model turns it into num_tokens positions
+    # the data path counts the image placeholder as one id; the model makes it num_tokens positions
     full = data.ConversationDataset(args.data, tokenizer, settings.template, settings.image,
                                     image_folder=args.image_folder,
                                     max_len=context - model.vision_tower.num_tokens + 1)
@@ -161,22 +185,25 @@ def llava_datasets(model, args, tokenizer):
 def run_stage(model, args, tokenizer):
     """Train a TinyLlava whose trainable parts are already chosen; returns the metrics log."""
     train_set, eval_set = llava_datasets(model, args, tokenizer)
-    print(f"{args.data}: {len(train_set)} training samples, {len(eval_set)} held out for the eval loss")
+    print(f"{args.data}: {len(train_set)} training samples, "
+          f"{len(eval_set)} held out for the eval loss")
     lengths = None
-    if args.group_by_length:  # positions in the LLM: the image placeholder stands for num_tokens of them
+    if args.group_by_length:  # positions in the LLM: the image placeholder stands for num_tokens
         samples = [train_set.dataset.samples[i] for i in train_set.indices]
-        lengths = [len(s["input_ids"]) + (model.vision_tower.num_tokens - 1 if s["image"] else 0) for s in samples]
+        extra = model.vision_tower.num_tokens - 1
+        lengths = [len(s["input_ids"]) + (extra if s["image"] else 0) for s in samples]
     collate = partial(data.collate, pad_id=tokenizer.pad_id)
-    return train.train(model, train_set, collate, llava_loss, train.train_config(args), eval_set=eval_set,
-                       lengths=lengths)
+    return train.train(model, train_set, collate_fn=collate, loss_fn=llava_loss,
+                       cfg=train.train_config(args), eval_set=eval_set, lengths=lengths)
 
 
 def save_projector(model, path):
-    """Stage 1's result: the projector's weights, and a config.json naming the vision tower and LLM it was
-    trained against (a projector means nothing without the two spaces it maps between)."""
+    """Stage 1's result: the projector's weights, and a config.json naming the vision tower and LLM
+    it was trained against (a projector means nothing without the two spaces it maps between)."""
     os.makedirs(path, exist_ok=True)
     write_json(os.path.join(path, "config.json"), model.config)
-    tensors = {k: v for k, v in state_dict_for_save(model).items() if k.startswith("multi_modal_projector.")}
+    state = state_dict_for_save(model)
+    tensors = {k: v for k, v in state.items() if k.startswith("multi_modal_projector.")}
     save_safetensors(tensors, os.path.join(path, PROJECTOR_FILE))
 
 

@@ -1,14 +1,14 @@
 """
 Stage 2 of LLaVA, visual instruction tuning: train the projector and the LLM, keep the vision tower frozen.
 
-Starts from stage 1's result (the aligned projector, and the vision tower and LLM it names) and trains on
-instruction conversations in the LLM's chat template, loss on the assistant's answers only. Now the LLM
-is unfrozen: it learns to *use* the image tokens to follow instructions, answer questions, hold a
-multi-turn conversation. The vision tower stays frozen, as in LLaVA-1.5.
+Starts from stage 1's result (the aligned projector, and the vision tower and LLM it names) and
+trains on instruction conversations in the LLM's chat template, loss on the assistant's answers
+only. Now the LLM is unfrozen: it learns to *use* the image tokens to follow instructions, answer
+questions, hold a multi-turn conversation. The vision tower stays frozen, as in LLaVA-1.5.
 
 Offline, with no arguments: continues from runs/pt on the shapes conversations, saves a complete
-checkpoint to runs/sft, then answers the held-out test questions and prints the exact-match accuracy.
-Real weights (see the README):
+checkpoint to runs/sft, then answers the held-out test questions and prints the exact-match
+accuracy. Real weights (see the README):
     python train_sft.py --pt runs/pt --data llava_v1_5_mix665k.json --image-folder DIR --template chatml
 """
 
@@ -25,12 +25,13 @@ from offline import standins
 from tinyllava import InputError, TinyLlava, command_line, load_weights, read_config
 
 TRAINABLE = ("projector", "llm")  # frozen: vision
-# LLaVA-1.5's stage 2: lr 2e-5, no weight decay, warmup 3%, cosine, 1 epoch, batch 128, batches grouped by
-# length (its group_by_modality_length: conversations with and without an image differ by hundreds of positions)
+# LLaVA-1.5's stage 2: lr 2e-5, no weight decay, warmup 3%, cosine, 1 epoch, batch 128, batches
+# grouped by length (its group_by_modality_length: conversations with and without an image differ by
+# hundreds of positions)
 RECIPE = dict(lr=2e-5, weight_decay=0.0, warmup=0.03, epochs=1, batch_size=128, micro_batch_size=16,
               out_dir="runs/sft", group_by_length=True)
-# offline: 2e-5 suits a large pretrained LLM; our 0.6M-parameter stand-in sees 4k conversations and needs a
-# lr close to its own pretraining one (1.5e-3) to move at all (docs/results.md)
+# offline: 2e-5 suits a large pretrained LLM; our 0.6M-parameter stand-in sees 4k conversations and
+# needs a lr close to its own pretraining one (1.5e-3) to move at all (docs/results.md)
 OFFLINE = dict(RECIPE, lr=1e-3, epochs=4, batch_size=32, micro_batch_size=32, eval_every=100)
 OFFLINE_TEMPLATE = "chatml"  # the stand-in LLM was pretrained on chatml conversations
 
@@ -38,15 +39,20 @@ OFFLINE_TEMPLATE = "chatml"  # the stand-in LLM was pretrained on chatml convers
 def main(argv=None):
     """Run the stage; returns the trained model (the tests inspect it)."""
     parser = train_pt.stage_parser(__doc__)
-    parser.add_argument("--pt", default="runs/pt", help="stage 1's output directory (projector + the checkpoints it names)")
-    parser.add_argument("--template", help="the LLM's chat template: chatml (Qwen2, SmolLM2) or vicuna_v1 (Vicuna, Llama)")
-    args = train_pt.parse_stage_args(parser, argv, RECIPE, OFFLINE, lambda a: a.data is None)
+    parser.add_argument("--pt", default="runs/pt",
+                        help="stage 1's output directory (projector + the checkpoints it names)")
+    parser.add_argument("--template",
+                        help="the LLM's chat template: chatml (Qwen2, SmolLM2) "
+                             "or vicuna_v1 (Vicuna, Llama)")
+    args = train_pt.parse_stage_args(parser, argv, recipe=RECIPE, offline_recipe=OFFLINE,
+                                     is_offline=lambda a: a.data is None)
     offline = args.data is None
     if offline:
         args.data = os.path.join(standins.DATA_DIR, "instruct.json")
         args.template = args.template or OFFLINE_TEMPLATE
     elif args.template is None:
-        parser.error("with your own data, give --template (chatml or vicuna_v1, as the LLM was tuned)")
+        parser.error("with your own data, give --template "
+                     "(chatml or vicuna_v1, as the LLM was tuned)")
     data.get_template(args.template)  # an unknown name fails now, not after loading the models
 
     rank, _, device = train.init_distributed()
@@ -65,17 +71,18 @@ def main(argv=None):
 
 
 def load_stage1(path, device=None):
-    """A TinyLlava rebuilt from stage 1's output: the same vision tower and LLM, the trained projector
-    (loaded strictly: every projector weight must be in the file)."""
+    """A TinyLlava rebuilt from stage 1's output: the same vision tower and LLM, the trained
+    projector (loaded strictly: every projector weight must be in the file)."""
     d = read_config(path)
     sources = d.get("tinyllava_sources") or {}
     if not {"vision", "llm"} <= sources.keys():
-        raise InputError(f"{path}/config.json does not name the vision and LLM checkpoints (tinyllava_sources): "
-                         "is it train_pt.py's output?")
-    model = TinyLlava.from_parts(sources["vision"], sources["llm"], d["projector_type"], device=device)
+        raise InputError(f"{path}/config.json does not name the vision and LLM checkpoints "
+                         "(tinyllava_sources): is it train_pt.py's output?")
+    model = TinyLlava.from_parts(sources["vision"], sources["llm"], d["projector_type"],
+                                 device=device)
     tensors = load_file(os.path.join(path, train_pt.PROJECTOR_FILE), device=str(device or "cpu"))
-    load_weights(model.multi_modal_projector, tensors, path, lambda k: k.removeprefix("multi_modal_projector."),
-                 device=device)
+    load_weights(model.multi_modal_projector, tensors, path,
+                 key_map=lambda k: k.removeprefix("multi_modal_projector."), device=device)
     model.chat = dict(d.get("tinyllava_chat") or {})
     return model
 

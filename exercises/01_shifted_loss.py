@@ -8,9 +8,9 @@ IGNORE_INDEX = -100  # label of a position that is context, not a target
 
 
 def shifted_cross_entropy(logits, labels):
-    """logits (B, T, V) from the model, labels (B, T) aligned with the input ids (labels[:, t] is the
-    token at position t, or -100 where nothing is trained).
+    """logits (B, T, V) from the model, labels (B, T) aligned with the input ids (labels[:, t] is
+    the token at position t, or -100 where nothing is trained).
 
-    Return the mean next-token cross-entropy over the trained targets, as a 0-dim tensor that gradients
-    can flow through; 0 (not NaN) when no position is trained."""
+    Return the mean next-token cross-entropy over the trained targets, as a 0-dim tensor that
+    gradients can flow through; 0 (not NaN) when no position is trained."""
     raise NotImplementedError

@@ -13,10 +13,10 @@ from data import to_rgb  # noqa: E402  (given: any PIL mode -> RGB)
 
 
 def preprocess_pad(image, size, mean, std):
-    """image: a PIL image of any size and mode; size: the encoder's input side in pixels; mean, std: three
-    floats each, the encoder's per-channel pixel statistics in [0, 1].
+    """image: a PIL image of any size and mode; size: the encoder's input side in pixels; mean,
+    std: three floats each, the encoder's per-channel pixel statistics in [0, 1].
 
-    Return a float32 tensor (3, size, size): the image padded to a centred square with the mean colour,
-    resized to size x size (bicubic), scaled to [0, 1] and normalised with mean and std."""
+    Return a float32 tensor (3, size, size): the image padded to a centred square with the mean
+    colour, resized to size x size (bicubic), scaled to [0, 1] and normalised with mean and std."""
     image = to_rgb(image)
     raise NotImplementedError

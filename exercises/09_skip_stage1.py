@@ -8,7 +8,7 @@ def image_gap(model, batch):
     """model: a TinyLlava; batch: a dict as data.collate returns (input_ids, labels, attention_mask,
     pixel_values with one image per sample).
 
-    Return (loss_right, loss_shuffled) as two floats: the model's loss on the batch, and its loss when every
-    sample gets another sample's image (pixel_values rolled by one along the batch). Do not train, and leave
-    the model in the mode (train/eval) you found it in."""
+    Return (loss_right, loss_shuffled) as two floats: the model's loss on the batch, and its loss
+    when every sample gets another sample's image (pixel_values rolled by one along the batch). Do
+    not train, and leave the model in the mode (train/eval) you found it in."""
     raise NotImplementedError

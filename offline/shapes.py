@@ -1,10 +1,10 @@
 """
 The synthetic shapes data set: a clean, learnable, offline image-question world for the offline pipeline.
 
-Each 3x3-grid image holds 1 to 3 coloured shapes, one per cell. make_shapes writes the images and four
-LLaVA-format files: captions (stage 1), multi-turn conversations (stage 2, 10% text-only), one held-out
-question per test image, and the objects of every image (meta.json). The same generator writes the
-stand-in LLM's pretraining text (offline/standins.py), always about freshly drawn scenes.
+Each 3x3-grid image holds 1 to 3 coloured shapes, one per cell. make_shapes writes the images and
+four LLaVA-format files: captions (stage 1), multi-turn conversations (stage 2, 10% text-only), one
+held-out question per test image, and the objects of every image (meta.json). The same generator
+writes the stand-in LLM's pretraining text (offline/standins.py), always about freshly drawn scenes.
 
 Run: python -m offline.shapes data/shapes [--n-images 4000] [--size 48]
 """
@@ -23,24 +23,30 @@ from tinyllava import command_line
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = ("red", "green", "blue", "yellow")
 SIZES = ("small", "large")
-RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 195, 20)}
-DIAMETER = {"small": 0.45, "large": 0.8}  # as a fraction of a grid cell: clearly apart, never overlapping
+RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+       "yellow": (235, 195, 20)}
+# as a fraction of a grid cell: clearly apart, never overlapping
+DIAMETER = {"small": 0.45, "large": 0.8}
+# a 3x3 grid, row by row: cell = 3 * row + col
 CELLS = ("top left", "top center", "top right", "middle left", "center", "middle right",
-         "bottom left", "bottom center", "bottom right")  # a 3x3 grid, row by row: cell = 3 * row + col
+         "bottom left", "bottom center", "bottom right")
 TEXT_FACTS = [("What color do you get by mixing red and yellow?", "orange"),
               ("What color do you get by mixing blue and yellow?", "green"),
               ("What color do you get by mixing red and blue?", "purple"),
               ("What color do you get by mixing red and white?", "pink"),
-              ("How many sides does a triangle have?", "3"), ("How many sides does a square have?", "4"),
-              ("How many corners does a diamond have?", "4"), ("Which shape has no corners?", "circle"),
+              ("How many sides does a triangle have?", "3"),
+              ("How many sides does a square have?", "4"),
+              ("How many corners does a diamond have?", "4"),
+              ("Which shape has no corners?", "circle"),
               ("What color is grass?", "green"), ("What color is a banana?", "yellow"),
-              ("What color is the sky on a clear day?", "blue"), ("What color is a strawberry?", "red")]
+              ("What color is the sky on a clear day?", "blue"),
+              ("What color is a strawberry?", "red")]
 TEXT_FACTS += [(f"What is {a} plus {b}?", str(a + b)) for a in range(5) for b in range(5)]
 
 
 def draw_shapes(objects, size, rng):
-    """Objects {"shape", "color", "size", "cell"} on white, each jittered a little inside its own cell
-    (so they never overlap); drawn at 4x and box-downsampled so the edges are anti-aliased."""
+    """Objects {"shape", "color", "size", "cell"} on white, each jittered a little inside its own
+    cell (so they never overlap); drawn at 4x and box-downsampled so the edges are anti-aliased."""
     S, cell = 4 * size, 4 * size / 3
     image = Image.new("RGB", (S, S), (255, 255, 255))
     draw = ImageDraw.Draw(image)
@@ -62,15 +68,16 @@ def draw_shapes(objects, size, rng):
 
 
 def caption(objects):
-    """Objects in cell order: 'a large red circle at the top left and a small blue square at the center.'"""
+    """Objects in cell order:
+    'a large red circle at the top left and a small blue square at the center.'"""
     parts = [f"a {o['size']} {o['color']} {o['shape']} at the {CELLS[o['cell']]}" for o in objects]
     return (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]) + "."
 
 
 def ask(kind, objects, rng, hard=False):
-    """One (question, answer) of a kind about the objects, or None if that kind would be ambiguous here.
-    hard=True asks "is there a ...?" about absent objects that share a colour or a shape with one that is
-    there, when possible: the questions that only a colour-and-shape match answers."""
+    """One (question, answer) of a kind about the objects, or None if that kind would be ambiguous
+    here. hard=True asks "is there a ...?" about absent objects that share a colour or a shape with
+    one that is there, when possible: the questions that only a colour-and-shape match answers."""
     count = lambda **kw: sum(all(o[k] == v for k, v in kw.items()) for o in objects)  # noqa: E731
     unique = lambda *keys: [o for o in objects if count(**{k: o[k] for k in keys}) == 1]  # noqa: E731
     if kind == "color" and unique("shape"):
@@ -111,14 +118,15 @@ QUESTION_KINDS = ("color", "shape", "size", "position", "count", "exists")
 def random_objects(rng):
     """1 to 3 objects of random shape, colour and size, each in its own grid cell, in cell order."""
     cells = sorted(rng.sample(range(9), rng.randint(1, 3)))
-    return [dict(shape=rng.choice(SHAPES), color=rng.choice(COLORS), size=rng.choice(SIZES), cell=c) for c in cells]
+    return [dict(shape=rng.choice(SHAPES), color=rng.choice(COLORS), size=rng.choice(SIZES), cell=c)
+            for c in cells]
 
 
 def random_questions(objects, rng, n_turns=None, hard=False, describe=0.2, distinct=False):
-    """The (question, answer) turns of one stage-2 conversation: n_turns (default 2 to 4), opening with a
-    caption with probability `describe`. hard: see ask(). distinct: never ask the same question twice in a
-    conversation (a repeated question is answered by copying the earlier answer, not by looking at the
-    image; with 6 turns about 1 to 3 objects, 18% of the questions were repeats)."""
+    """The (question, answer) turns of one stage-2 conversation: n_turns (default 2 to 4), opening
+    with a caption with probability `describe`. hard: see ask(). distinct: never ask the same
+    question twice in a conversation (a repeated question is answered by copying the earlier answer,
+    not by looking at the image)."""
     qas = [("Describe the image.", caption(objects))] if rng.random() < describe else []
     n_turns = n_turns or rng.randint(2, 4)
     while len(qas) < n_turns:
@@ -130,7 +138,8 @@ def random_questions(objects, rng, n_turns=None, hard=False, describe=0.2, disti
 
 def make_shapes(out_dir, n_images=4000, seed=0, size=64, test_frac=0.1):
     """Write images/*.png, captions.json (stage 1), instruct.json (stage 2), test.json (held-out
-    images, one short-answer question each) and meta.json (the objects of every image)."""
+    images, one short-answer question each) and meta.json (the objects of every image); then the
+    validation split and the held-out conversations (make_held_out)."""
     rng = random.Random(seed)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     n_test = round(n_images * test_frac)
@@ -141,25 +150,76 @@ def make_shapes(out_dir, n_images=4000, seed=0, size=64, test_frac=0.1):
         draw_shapes(objects, size, rng).save(os.path.join(out_dir, image))
         split = "test" if i >= n_images - n_test else "train"
         meta.append(dict(image=image, split=split, objects=objects))
-        if split == "test":  # cycle through the kinds so each is evaluated about equally often
-            kinds = QUESTION_KINDS[i % len(QUESTION_KINDS):] + QUESTION_KINDS
-            kind, (q, a) = next((k, qa) for k in kinds if (qa := ask(k, objects, rng)))
+        if split == "test":
+            kind, q, a = one_question(i, objects, rng)
             test.append(dict(id=f"test-{i:05d}", image=image, type=kind,
                              conversations=chat_turns([(q, a)], image=True)))
             continue
         captions.append(dict(id=f"caption-{i:05d}", image=image, conversations=[
             {"from": "human", "value": IMAGE_TAG}, {"from": "gpt", "value": caption(objects)}]))
         qas = random_questions(objects, rng)
-        instruct.append(dict(id=f"instruct-{i:05d}", image=image, conversations=chat_turns(qas, image=True)))
-    for i in range(len(instruct) // 9):  # text-only: ~10% of stage 2, so the LLM keeps answering without images
-        instruct.append(dict(id=f"text-{i:05d}", conversations=chat_turns(rng.sample(TEXT_FACTS, rng.randint(1, 2)))))
+        instruct.append(dict(id=f"instruct-{i:05d}", image=image,
+                             conversations=chat_turns(qas, image=True)))
+    # text-only: ~10% of stage 2, so the LLM keeps answering without images
+    for i in range(len(instruct) // 9):
+        facts = rng.sample(TEXT_FACTS, rng.randint(1, 2))
+        instruct.append(dict(id=f"text-{i:05d}", conversations=chat_turns(facts)))
     rng.shuffle(instruct)
     for name, samples in [("captions", captions), ("instruct", instruct), ("test", test)]:
-        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:  # one sample per line: greppable
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:  # a sample per line: greppable
             f.write("[\n" + ",\n".join(json.dumps(s) for s in samples) + "\n]\n")
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(dict(size=size, shapes=SHAPES, colors=COLORS, sizes=SIZES, cells=CELLS, images=meta), f)
-    return dict(captions=len(captions), instruct=len(instruct), test=len(test))
+        json.dump(dict(size=size, shapes=SHAPES, colors=COLORS, sizes=SIZES, cells=CELLS,
+                       images=meta), f)
+    counts = dict(captions=len(captions), instruct=len(instruct), test=len(test))
+    return {**counts, **make_held_out(out_dir, seed=seed, n_val=n_test)}
+
+
+def one_question(i, objects, rng):
+    """(kind, question, answer) for held-out image i: the kinds take turns, so each is asked about
+    equally often; a kind that would be ambiguous for these objects passes to the next."""
+    kinds = QUESTION_KINDS[i % len(QUESTION_KINDS):] + QUESTION_KINDS
+    return next((k, *qa) for k in kinds if (qa := ask(k, objects, rng)))
+
+
+def make_held_out(out_dir, seed=0, n_val=400, n_questions=3):
+    """Add two held-out files to a shapes data set, each from its own random stream, so that the files
+    make_shapes wrote stay exactly as they are:
+    - val.json: n_val new images (images/val-*.png) with one question each, like test.json, for
+      choosing between recipes; the test set is then scored once, with the recipe chosen;
+    - test_chat.json: one conversation per test image, a description and then n_questions questions
+      of different kinds, each turn typed ("types"), to be answered after the model's own earlier
+      answers (chat.evaluate_model), as a student chats."""
+    with open(os.path.join(out_dir, "meta.json")) as f:
+        meta = json.load(f)
+    meta["images"] = [m for m in meta["images"] if m["split"] != "val"]
+    rng = random.Random(f"val-{seed}")
+    val = []
+    for i in range(n_val):
+        objects = random_objects(rng)
+        image = f"images/val-{i:05d}.png"
+        draw_shapes(objects, meta["size"], rng).save(os.path.join(out_dir, image))
+        meta["images"].append(dict(image=image, split="val", objects=objects))
+        kind, q, a = one_question(i, objects, rng)
+        val.append(dict(id=f"val-{i:05d}", image=image, type=kind,
+                        conversations=chat_turns([(q, a)], image=True)))
+    rng = random.Random(f"chat-{seed}")
+    chats = []
+    for i, m in enumerate(m for m in meta["images"] if m["split"] == "test"):
+        qas, types = [("Describe the image.", caption(m["objects"]))], ["describe"]
+        for kind in QUESTION_KINDS[i % len(QUESTION_KINDS):] + QUESTION_KINDS:
+            qa = ask(kind, m["objects"], rng) if len(qas) <= n_questions else None
+            if qa and qa[0] not in (q for q, _ in qas):
+                qas.append(qa)
+                types.append(kind)
+        chats.append(dict(id=f"chat-{os.path.basename(m['image'])[:-4]}", image=m["image"], types=types,
+                          conversations=chat_turns(qas, image=True)))
+    for name, samples in [("val", val), ("test_chat", chats)]:
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+            f.write("[\n" + ",\n".join(json.dumps(s) for s in samples) + "\n]\n")
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return dict(val=len(val), test_chat=len(chats))
 
 
 def chat_turns(qas, image=False):
@@ -179,7 +239,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     args = parser.parse_args(argv)
     t0 = time.time()
-    counts = make_shapes(args.out_dir, args.n_images, args.seed, args.size)
+    counts = make_shapes(args.out_dir, n_images=args.n_images, seed=args.seed, size=args.size)
     print(f"wrote {args.n_images} images to {args.out_dir} in {time.time() - t0:.1f}s: "
           + ", ".join(f"{k}.json {v} samples" for k, v in counts.items()))
 

@@ -1,24 +1,27 @@
 """
 Stage 0 of the offline pipeline: tiny stand-ins for the pretrained CLIP and LLM that LLaVA starts from.
 
-LLaVA never trains its encoders from scratch: it aligns a *pretrained* vision tower with a *pretrained*
-LLM. Offline we cannot download either, and freezing random networks would teach nothing (a frozen random
-LLM cannot caption anything, however good the projector). So we first pretrain two tiny ones on the
-shapes data set, then save them in the Hugging Face formats, so that stages 1 and 2 load them through
-exactly the same `from_pretrained` code as real CLIP / Llama weights:
+LLaVA never trains its encoders from scratch: it aligns a *pretrained* vision tower with a
+*pretrained* LLM. Offline we cannot download either, and freezing random networks would teach
+nothing (a frozen random LLM cannot caption anything, however good the projector). So we first
+pretrain two tiny ones on the shapes data set, then save them in the Hugging Face formats, so that
+stages 1 and 2 load them through exactly the same `from_pretrained` code as real CLIP / Llama
+weights:
 
-  vision: a CLIP-format ViT (48 px, 16 px patches: one patch per cell of the shapes' 3x3 grid) trained to
-          classify the shape, colour and size of the object in every cell (or "empty") from that patch's
-          feature in the *penultimate* layer, the one LLaVA reads (so the feature LLaVA sees is the trained
-          one). A real CLIP has one more layer after it; we append an untrained one so the checkpoint has
-          that shape, and select_layer=-2 skips it again on load, as LLaVA-1.5 skips CLIP's last layer.
-  llm:    a Llama-format decoder with its own byte-level BPE tokenizer.json, pretrained as a chat model (loss
-          on the replies) on text about freshly drawn scenes (the shapes generator: captions in stage 1's
-          template, conversations in stage 2's chatml), with the image written as nine "soft words", one input vector
-          per grid cell: the sum of the embeddings of the words naming that cell and its content ("top left
-          large red circle", "center empty"). So it already knows the chat format and how to answer a
-          question about a scene given as word vectors; LLaVA's job is to teach the projector to produce
-          such vectors from pixels. The held-out test images are never seen here.
+  vision: a CLIP-format ViT (48 px, 16 px patches: one patch per cell of the shapes' 3x3 grid)
+          trained to classify the shape, colour and size of the object in every cell (or "empty")
+          from that patch's feature in the *penultimate* layer, the one LLaVA reads (so the feature
+          LLaVA sees is the trained one). A real CLIP has one more layer after it; we append an
+          untrained one so the checkpoint has that shape, and select_layer=-2 skips it again on
+          load, as LLaVA-1.5 skips CLIP's last layer.
+  llm:    a Llama-format decoder with its own byte-level BPE tokenizer.json, pretrained as a chat
+          model (loss on the replies) on text about freshly drawn scenes (the shapes generator:
+          captions in stage 1's template, conversations in stage 2's chatml), with the image written
+          as nine "soft words", one input vector per grid cell: the sum of the embeddings of the
+          words naming that cell and its content ("top left large red circle", "center empty").
+          So it already knows the chat format and how to answer a question about a scene given as
+          word vectors; LLaVA's job is to teach the projector to produce such vectors from pixels.
+          The held-out test images are never seen here.
 
 Run alone: python -m offline.standins [--data-dir data/shapes] [--out-dir runs/standins]
 (train_pt.py runs it when the stand-ins are missing). What was tried to get here: docs/results.md.
@@ -38,39 +41,61 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data
 from offline import shapes
-from tinyllava import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, LanguageModel, LMConfig, VisionConfig, VisionLayer, VisionTower,
-                       command_line, init_weights, padding_mask, trained_cross_entropy, write_json)
+from tinyllava import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN_INDEX,
+    InputError,
+    LanguageModel,
+    LMConfig,
+    VisionConfig,
+    VisionLayer,
+    VisionTower,
+    command_line,
+    init_weights,
+    padding_mask,
+    trained_cross_entropy,
+    write_json,
+)
 from train import TrainConfig, init_distributed, train
 
 DATA_DIR, OUT_DIR = "data/shapes", "runs/standins"
 N_IMAGES, IMAGE_SIZE = 4000, 48  # 3,600 training images + 400 held out; 48 px = 3 cells of 16 px
-IMAGE = data.ImageConfig(IMAGE_SIZE, data.CLIP_MEAN, data.CLIP_STD)  # as the CLIP processor saved below reads it
+# as the CLIP processor saved below reads it
+IMAGE = data.ImageConfig(IMAGE_SIZE, data.CLIP_MEAN, data.CLIP_STD)
 
-VISION = VisionConfig(model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=16, hidden_size=96, intermediate_size=384,
-                      num_hidden_layers=3, num_attention_heads=4, select_layer=-2)  # built: the 2 layers LLaVA uses
-VISION_TRAIN = dict(lr=3e-3, epochs=8, batch_size=64, micro_batch_size=64, warmup=0.05, weight_decay=0.01)
+# built: the 2 layers LLaVA uses (select_layer=-2), and a third appended untrained when saved
+VISION = VisionConfig(model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=16,
+                      hidden_size=96, intermediate_size=384, num_hidden_layers=3,
+                      num_attention_heads=4, select_layer=-2)
+VISION_TRAIN = dict(lr=3e-3, epochs=8, batch_size=64, micro_batch_size=64, warmup=0.05,
+                    weight_decay=0.01)
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # end of text (bos/eos/pad), chatml's turn markers
-LM = dict(model_type="llama", vocab_size=800, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-          num_key_value_heads=4, head_dim=32, max_position_embeddings=256, tie_word_embeddings=True)
-# Initial std of the LLM's matrices: GPT-2's 0.02 (tinyllava.init_weights) is ~0.55/sqrt(768), made for width
-# 768; at width 128 it keeps every attention logit near 0 for long, and the question -> grid cell lookup the
-# LLM must learn forms thousands of steps late. 0.1 is ~1/sqrt(128), the fan-in scale.
+# end of text (bos/eos/pad), chatml's turn markers
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+LM = dict(model_type="llama", vocab_size=800, hidden_size=128, intermediate_size=384,
+          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+          max_position_embeddings=256, tie_word_embeddings=True)
+# Initial std of the LLM's matrices: GPT-2's 0.02 (tinyllava.init_weights) is ~0.55/sqrt(768), made
+# for width 768; at width 128 it keeps every attention logit near 0 for long, and the question ->
+# grid cell lookup the LLM must learn forms thousands of steps late. 0.1 is ~1/sqrt(128), the fan-in
+# scale.
 LM_INIT_STD = 0.1
 LM_DOCS = 32_000  # pretraining documents, each about a freshly drawn scene: 4,000 steps of 8
 LM_TURNS = 6  # questions per pretraining conversation (see lm_documents)
-# a from-scratch LM's recipe (nanoGPT's beta2 0.95, weight decay 0.1) at the highest lr that did not stall
-LM_TRAIN = dict(lr=1.5e-3, epochs=1, batch_size=8, micro_batch_size=8, warmup=0.02, weight_decay=0.1, beta2=0.95)
+# a from-scratch LM's recipe (nanoGPT's beta2 0.95, weight decay 0.1) at the highest lr that did
+# not stall
+LM_TRAIN = dict(lr=1.5e-3, epochs=1, batch_size=8, micro_batch_size=8, warmup=0.02,
+                weight_decay=0.1, beta2=0.95)
 
 # -----------------------------------------------------------------------------
 # The vision stand-in
 
 
 class CellClassifier(nn.Module):
-    """The vision tower plus one linear head reading every patch: shape, colour, size of what is in its grid
-    cell, and which cell it is. Without that last target the features keep their position in a form the
-    projector cannot read, so it cannot write the cell's name into the soft word. A real CLIP's patch
-    features do carry their position."""
+    """The vision tower plus one linear head reading every patch: shape, colour, size of what is in
+    its grid cell, and which cell it is. Without that last target the features keep their position
+    in a form the projector cannot read, so it cannot write the cell's name into the soft word.
+    A real CLIP's patch features do carry their position."""
 
     def __init__(self, tower, n_classes):
         super().__init__()
@@ -82,14 +107,17 @@ class CellClassifier(nn.Module):
 
 
 def cell_targets(objects, side=3):
-    """(side * side, 4) class ids per patch of a side x side grid: shape, colour and size of the object in the
-    patch's grid cell (each 0 for an empty cell), and the cell's index. side=3: one patch per cell."""
+    """(side * side, 4) class ids per patch of a side x side grid: shape, colour and size of the
+    object in the patch's grid cell (each 0 for an empty cell), and the cell's index. side=3: one
+    patch per cell."""
     t = torch.zeros(9, 4, dtype=torch.long)
     t[:, 3] = torch.arange(9)
     for o in objects:
-        t[o["cell"]] = torch.tensor([shapes.SHAPES.index(o["shape"]) + 1, list(shapes.COLORS).index(o["color"]) + 1,
+        t[o["cell"]] = torch.tensor([shapes.SHAPES.index(o["shape"]) + 1,
+                                     list(shapes.COLORS).index(o["color"]) + 1,
                                      list(shapes.SIZES).index(o["size"]) + 1, o["cell"]])
-    row = torch.arange(side) * 3 // side  # the grid row (or column) that each row (or column) of patches lies in
+    # the grid row (or column) that each row (or column) of patches lies in
+    row = torch.arange(side) * 3 // side
     return t[(3 * row[:, None] + row[None, :]).flatten()]
 
 
@@ -115,33 +143,42 @@ def stack(batch):
     return {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
 
 
-def train_vision(data_dir, out_dir, device, patch_size=VISION.patch_size, **overrides):
-    """The vision stand-in, saved to out_dir/vision. patch_size 16 gives one patch per grid cell, as the
-    pipeline uses; 8 gives 2x2 patches per cell (exercise 8's study pools them back to one)."""
+def train_vision(data_dir, out_dir, device, patch_size=VISION.patch_size, seed=0, **overrides):
+    """The vision stand-in, saved to out_dir/vision. patch_size 16 gives one patch per grid cell, as
+    the pipeline uses; 8 gives 2x2 patches per cell (exercise 8's study pools them back to one).
+    seed: the initialisation and the data order."""
     config = replace(VISION, patch_size=patch_size)
     side = IMAGE_SIZE // patch_size
     if side % 3:
-        raise ValueError(f"patch size {patch_size}: the {side}x{side} patch grid does not tile the 3x3 grid of cells")
-    torch.manual_seed(0)
+        raise InputError(f"patch size {patch_size}: the {side}x{side} patch grid does not tile "
+                         "the 3x3 grid of cells")
+    torch.manual_seed(seed)
     n_classes = [len(shapes.SHAPES) + 1, len(shapes.COLORS) + 1, len(shapes.SIZES) + 1, 9]
     model = CellClassifier(VisionTower(config), n_classes).to(device)
     train_set, test_set = load_cells(data_dir, "train", side), load_cells(data_dir, "test", side)
-    cfg = TrainConfig(**{**VISION_TRAIN, "out_dir": os.path.join(out_dir, "vision_train"), **overrides})
-    train(model, train_set, stack, cell_loss, cfg, eval_set=test_set)
+    cfg = TrainConfig(**{**VISION_TRAIN, "out_dir": os.path.join(out_dir, "vision_train"), "seed": seed,
+                         **overrides})
+    train(model, train_set, collate_fn=stack, loss_fn=cell_loss, cfg=cfg, eval_set=test_set)
     with torch.no_grad():  # held-out accuracy per attribute, over all patches of every test image
         batch = stack(test_set)
-        pred = torch.stack([p.argmax(-1) for p in model(batch["pixel_values"].to(device)).split(n_classes, -1)], -1)
+        logits = model(batch["pixel_values"].to(device))
+        pred = torch.stack([p.argmax(-1) for p in logits.split(n_classes, -1)], -1)
         acc = (pred.cpu() == batch["labels"]).float().mean((0, 1))
-    print("vision stand-in, held-out cell accuracy: " + ", ".join(f"{k} {a:.1%}" for k, a in zip(("shape", "color", "size", "cell"), acc)))
+    accuracies = ", ".join(f"{k} {a:.1%}" for k, a in zip(("shape", "color", "size", "cell"), acc))
+    print("vision stand-in, held-out cell accuracy: " + accuracies)
     tower = model.tower.cpu()
-    tower.encoder.layers.append(VisionLayer(config).apply(init_weights))  # CLIP's last layer, which LLaVA skips
+    # CLIP's last layer, which LLaVA skips
+    tower.encoder.layers.append(VisionLayer(config).apply(init_weights))
     path = os.path.join(out_dir, "vision")
     tower.save_pretrained(path)
-    write_json(os.path.join(path, "preprocessor_config.json"), {  # what CLIPImageProcessor needs to read the images
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": IMAGE_SIZE},
-        "do_center_crop": True, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "resample": 3,
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(data.CLIP_MEAN),
-        "image_std": list(data.CLIP_STD), "do_convert_rgb": True})
+    # what CLIPImageProcessor needs to read the images
+    write_json(os.path.join(path, "preprocessor_config.json"), {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True,
+        "size": {"shortest_edge": IMAGE_SIZE}, "do_center_crop": True,
+        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "resample": 3,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(data.CLIP_MEAN), "image_std": list(data.CLIP_STD),
+        "do_convert_rgb": True})
     return path, acc
 
 # -----------------------------------------------------------------------------
@@ -149,28 +186,31 @@ def train_vision(data_dir, out_dir, device, patch_size=VISION.patch_size, **over
 
 
 def attribute_words(tok):
-    """word -> the token ids its soft word sums: the word with a leading space (" red", as in a caption),
-    which must be a single token; the bare word ("red", as an answer starts) where that is a single token
-    too; and for a shape its plural (" circles") where that is one token. Count questions name a colour in
-    the singular ("how many red shapes") but a shape in the plural ("how many circles"): with the plural
-    in the cell, both counts match the cell directly, and the lookup by shape gets as much practice as the
-    lookup by colour."""
-    words = {w for cell in shapes.CELLS for w in cell.split()} | set(shapes.SIZES + shapes.COLORS + shapes.SHAPES) | {"empty"}
+    """word -> the token ids its soft word sums: the word with a leading space (" red", as in a
+    caption), which must be a single token; the bare word ("red", as an answer starts) where that is
+    a single token too; and for a shape its plural (" circles") where that is one token. Count
+    questions name a colour in the singular ("how many red shapes") but a shape in the plural ("how
+    many circles"): with the plural in the cell, both counts match the cell directly, and the lookup
+    by shape gets as much practice as the lookup by colour."""
+    cell_words = {w for cell in shapes.CELLS for w in cell.split()}
+    words = cell_words | set(shapes.SIZES + shapes.COLORS + shapes.SHAPES) | {"empty"}
     ids = {}
     for w in sorted(words):
         spaced, bare = tok.encode(" " + w), tok.encode(w)
         if len(spaced) != 1:
-            raise ValueError(f"stand-in tokenizer: {' ' + w!r} is not a single token ({spaced}); enlarge the vocabulary")
+            raise ValueError(f"stand-in tokenizer: {' ' + w!r} is not a single token ({spaced}); "
+                             "enlarge the vocabulary")
         plural = tok.encode(" " + w + "s") if w in shapes.SHAPES else []
         ids[w] = spaced + (bare if len(bare) == 1 else []) + (plural if len(plural) == 1 else [])
     return ids
 
 
 def soft_scene(objects, words):
-    """An image as 9 "soft words", one per grid cell in the order of the ViT's patches. A soft word is a
-    list of token ids whose embeddings are *summed* into one input vector: the cell's name and what is in
-    it ("top left large red circle", "center empty"). The LLM learns to read these sums, and stage 1 must
-    teach the projector to produce such vectors from pixels: an image becomes words the LLM already knows."""
+    """An image as 9 "soft words", one per grid cell in the order of the ViT's patches. A soft word
+    is a list of token ids whose embeddings are *summed* into one input vector: the cell's name and
+    what is in it ("top left large red circle", "center empty"). The LLM learns to read these sums,
+    and stage 1 must teach the projector to produce such vectors from pixels: an image becomes words
+    the LLM already knows."""
     cells = [name.split() + ["empty"] for name in shapes.CELLS]
     for o in objects:
         cells[o["cell"]] = shapes.CELLS[o["cell"]].split() + [o["size"], o["color"], o["shape"]]
@@ -182,40 +222,48 @@ def scene_key(objects):
 
 
 def soft_document(ids, labels, objects, words):
-    """A document for the stand-in LLM: (ids to sum, label) per position. Text positions hold one token id;
-    the image placeholder becomes the scene's 9 soft words, which are input only (never a target)."""
+    """A document for the stand-in LLM: (ids to sum, label) per position. Text positions hold one
+    token id; the image placeholder becomes the scene's 9 soft words, which are input only (never a
+    target)."""
     doc = []
     for i, label in zip(ids, labels):
-        doc += [(cell, IGNORE_INDEX) for cell in soft_scene(objects, words)] if i == IMAGE_TOKEN_INDEX else [([i], label)]
+        if i == IMAGE_TOKEN_INDEX:
+            doc += [(cell, IGNORE_INDEX) for cell in soft_scene(objects, words)]
+        else:
+            doc += [([i], label)]
     return doc
 
 
 def lm_documents(data_dir, tok, n, seed=0):
-    """n pretraining documents, each about a freshly drawn scene (the data set's generator, so unlimited and
-    never memorised; a scene equal to a held-out test image is skipped): 10% a caption in stage 1's `plain`
-    template, 80% a chatml conversation as in stage 2 (a tenth of them opening with a caption), 10% a
-    text-only chat (the data set's general questions). Trained as a chat model is: the targets are the
-    replies (captions, answers and their end tokens, as tokenize_conversation marks them), the questions
-    are only read. "Is there a ...?" asks about near misses (hard=True: a red square when there is a red
-    circle), which a colour-only or shape-only match gets wrong; without them the LLM does not learn to
-    match both. A conversation asks LM_TURNS questions about its scene, more than stage 2's 2 to 4:
-    the scene's 9 positions are read once for more answers; never the same question twice, since a repeat
-    is answered by copying the earlier answer, not by reading the scene."""
+    """n pretraining documents, each about a freshly drawn scene (the data set's generator, so
+    unlimited and never memorised; a scene equal to a held-out test image is skipped): 10% a caption
+    in stage 1's `plain` template, 80% a chatml conversation as in stage 2 (a tenth of them opening
+    with a caption), 10% a text-only chat (the data set's general questions). Trained as a chat
+    model is: the targets are the replies (captions, answers and their end tokens, as
+    tokenize_conversation marks them), the questions are only read. "Is there a ...?" asks about
+    near misses (hard=True: a red square when there is a red circle), which a colour-only or
+    shape-only match gets wrong; without them the LLM does not learn to match both. A conversation
+    asks LM_TURNS questions about its scene, more than stage 2's 2 to 4: the scene's 9 positions are
+    read once for more answers; never the same question twice, since a repeat is answered by copying
+    the earlier answer, not by reading the scene."""
     meta = json.load(open(os.path.join(data_dir, "meta.json")))
     held_out = {scene_key(m["objects"]) for m in meta["images"] if m["split"] == "test"}
     words, rng, docs = attribute_words(tok), random.Random(seed), []
     while len(docs) < n:
         kind, objects = rng.random(), None
         if kind < 0.1:
-            conversation, template = shapes.chat_turns(rng.sample(shapes.TEXT_FACTS, rng.randint(1, 2))), "chatml"
+            facts = rng.sample(shapes.TEXT_FACTS, rng.randint(1, 2))
+            conversation, template = shapes.chat_turns(facts), "chatml"
         else:
             objects = shapes.random_objects(rng)
             if scene_key(objects) in held_out:
                 continue
             if kind < 0.2:
-                conversation, template = shapes.chat_turns([("", shapes.caption(objects))], image=True), "plain"
+                turns = [("", shapes.caption(objects))]
+                conversation, template = shapes.chat_turns(turns, image=True), "plain"
             else:
-                qas = shapes.random_questions(objects, rng, n_turns=LM_TURNS, hard=True, describe=0.1, distinct=True)
+                qas = shapes.random_questions(objects, rng, n_turns=LM_TURNS, hard=True,
+                                              describe=0.1, distinct=True)
                 conversation, template = shapes.chat_turns(qas, image=True), "chatml"
         ids, labels = data.tokenize_conversation(conversation, tok, template)
         # every document ends with a trained end token: the model learns where text stops
@@ -231,53 +279,62 @@ def iter_texts(path):
 
 
 def train_tokenizer(texts, path, vocab_size):
-    """A byte-level BPE (as GPT-2, Llama 3, Qwen2): any string can be encoded, frequent words become one token."""
+    """A byte-level BPE (as GPT-2, Llama 3, Qwen2): any string can be encoded, frequent words become
+    one token."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     os.makedirs(path, exist_ok=True)
     tok.save(os.path.join(path, "tokenizer.json"))
     eot = SPECIAL[0]
-    write_json(os.path.join(path, "tokenizer_config.json"), {  # as SmolLM2 / Qwen2: no BOS is prepended
-        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "bos_token": eot, "eos_token": eot,
-        "pad_token": eot, "model_max_length": LM["max_position_embeddings"]})
+    # as SmolLM2 / Qwen2: no BOS is prepended
+    write_json(os.path.join(path, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "bos_token": eot,
+        "eos_token": eot, "pad_token": eot, "model_max_length": LM["max_position_embeddings"]})
     return data.load_tokenizer(path)
 
 
 def pad_documents(docs):
-    """A batch of documents, right-padded: words (B, T, W) with -1 where a position has fewer ids to sum,
-    labels (B, T), attention_mask (B, T). One document per row, unlike nanoGPT's packed blocks: a question
-    must be answered from its own scene, not from the one before it in the block."""
+    """A batch of documents, right-padded: words (B, T, W) with -1 where a position has fewer ids to
+    sum, labels (B, T), attention_mask (B, T). One document per row, unlike nanoGPT's packed blocks:
+    a question must be answered from its own scene, not from the one before it in the block."""
     T, W = max(len(d) for d in docs), max(len(ids) for d in docs for ids, _ in d)
-    words = torch.tensor([[ids + [-1] * (W - len(ids)) for ids, _ in d] + [[-1] * W] * (T - len(d)) for d in docs])
+    words = torch.tensor([[ids + [-1] * (W - len(ids)) for ids, _ in d] + [[-1] * W] * (T - len(d))
+                          for d in docs])
     labels = torch.tensor([[label for _, label in d] + [IGNORE_INDEX] * (T - len(d)) for d in docs])
     return dict(words=words, labels=labels, attention_mask=(words[..., 0] >= 0).long())
 
 
 def soft_embed(lm, words):
-    """(B, T, width) ids -> (B, T, D) input embeddings: the sum of each position's token embeddings, a "bag
-    of words" (embedding_bag sums them without materialising the (B, T, width, D) gather; -1 weighs 0)."""
+    """(B, T, width) ids -> (B, T, D) input embeddings: the sum of each position's token embeddings,
+    a "bag of words" (embedding_bag sums them without materialising the (B, T, width, D) gather; -1
+    weighs 0)."""
     B, T, W = words.shape
     flat = words.view(B * T, W)
-    E = F.embedding_bag(flat.clamp(min=0), lm.model.embed_tokens.weight, per_sample_weights=(flat >= 0).float(), mode="sum")
+    E = F.embedding_bag(flat.clamp(min=0), lm.model.embed_tokens.weight,
+                        per_sample_weights=(flat >= 0).float(), mode="sum")
     return E.view(B, T, -1)
 
 
 def lm_loss(model, batch):
-    """Summed cross-entropy of the next token where one is trained (lm_head runs at those positions only), the
-    number of targets and of positions."""
-    h = model(inputs_embeds=soft_embed(model, batch["words"]), attention_mask=padding_mask(batch["attention_mask"]), hidden=True)  # (B, T, D)
+    """Summed cross-entropy of the next token where one is trained (lm_head runs at those positions
+    only), the number of targets and of positions."""
+    h = model(inputs_embeds=soft_embed(model, batch["words"]),
+              attention_mask=padding_mask(batch["attention_mask"]), hidden=True)  # (B, T, D)
     return *trained_cross_entropy(h, batch["labels"], model.lm_head), batch["labels"].numel()
 
 
 @torch.no_grad()
 def reading_accuracy(lm, tok, data_dir, n=200):
-    """Exact match of the stand-in LLM on held-out test questions with the scene given as soft words:
-    what LLaVA could reach with a perfect projector (greedy, full recompute: answers are a few tokens)."""
-    meta = {m["image"]: m["objects"] for m in json.load(open(os.path.join(data_dir, "meta.json")))["images"]}
+    """Exact match of the stand-in LLM on held-out test questions with the scene given as soft
+    words: what LLaVA could reach with a perfect projector (greedy, full recompute: answers are a
+    few tokens)."""
+    images = json.load(open(os.path.join(data_dir, "meta.json")))["images"]
+    meta = {m["image"]: m["objects"] for m in images}
     words, end = attribute_words(tok), tok.token_to_id("<|im_end|>")
     lm.eval()
     correct = 0
@@ -287,7 +344,8 @@ def reading_accuracy(lm, tok, data_dir, n=200):
         prompt = soft_document(ids, [IGNORE_INDEX] * len(ids), meta[s["image"]], words)
         out = []
         while len(out) < 8:
-            x = pad_documents([prompt + [([i], i) for i in out]])["words"].to(lm.lm_head.weight.device)
+            x = pad_documents([prompt + [([i], i) for i in out]])["words"]
+            x = x.to(lm.lm_head.weight.device)
             nxt = lm(inputs_embeds=soft_embed(lm, x))[0, -1].argmax().item()
             if nxt in (end, tok.eos_id):
                 break
@@ -297,63 +355,99 @@ def reading_accuracy(lm, tok, data_dir, n=200):
     return correct / len(samples)
 
 
-def train_llm(data_dir, out_dir, device, n_docs=LM_DOCS, **overrides):
+def train_llm(data_dir, out_dir, device, n_docs=LM_DOCS, seed=0, **overrides):
+    """The LLM stand-in, saved to out_dir/llm with its reading accuracy (reading.json). seed: the
+    initialisation, the pretraining documents and their order."""
     path = os.path.join(out_dir, "llm")
-    # the tokenizer learns the data set's words, and the chat template's (weighted so they become whole
-    # tokens, as "assistant" after <|im_start|> is one token in Qwen2's tokenizer)
-    texts = list(iter_texts(os.path.join(data_dir, "instruct.json"))) + list(iter_texts(os.path.join(data_dir, "captions.json")))
+    # the tokenizer learns the data set's words, and the chat template's (weighted so they become
+    # whole tokens, as "assistant" after <|im_start|> is one token in Qwen2's tokenizer)
+    texts = (list(iter_texts(os.path.join(data_dir, "instruct.json")))
+             + list(iter_texts(os.path.join(data_dir, "captions.json"))))
     texts += ["system user assistant empty " + data.TEMPLATES["chatml"].system] * 2000
     texts += ["<|im_start|>system\n<|im_start|>user\n<|im_start|>assistant\n"] * 2000
     tok = train_tokenizer(texts, path, LM["vocab_size"])
     ids = {name: tok.token_to_id(name) for name in SPECIAL}
-    cfg = LMConfig(**LM, bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|endoftext|>"], ids["<|im_end|>"]])
-    torch.manual_seed(0)
+    cfg = LMConfig(**LM, bos_token_id=ids["<|endoftext|>"],
+                   eos_token_id=[ids["<|endoftext|>"], ids["<|im_end|>"]])
+    torch.manual_seed(seed)
     model = LanguageModel(cfg)
     for p in model.parameters():
         if p.dim() == 2:  # the embedding (tied with lm_head) and every projection
             nn.init.normal_(p, std=LM_INIT_STD)
     model.to(device)
     t0 = time.time()
-    train_set, eval_set = lm_documents(data_dir, tok, n_docs), lm_documents(data_dir, tok, max(8, n_docs // 50), seed=1)
-    print(f"llm stand-in: {len(train_set):,} documents ({sum(map(len, train_set)):,} positions) made in {time.time() - t0:.1f}s, "
-          f"vocabulary {tok.vocab_size}, {sum(p.numel() for p in model.parameters()):,} parameters")
-    tcfg = TrainConfig(**{**LM_TRAIN, "out_dir": os.path.join(out_dir, "llm_train"), **overrides})
-    train(model, train_set, pad_documents, lm_loss, tcfg, eval_set=eval_set, lengths=[len(d) for d in train_set])
-    print(f"llm stand-in: answers {reading_accuracy(model, tok, data_dir):.1%} of held-out questions given the scene as soft words")
+    train_set = lm_documents(data_dir, tok, n_docs, seed=seed)
+    eval_set = lm_documents(data_dir, tok, max(8, n_docs // 50), seed=seed + 1)  # other scenes
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"llm stand-in: {len(train_set):,} documents ({sum(map(len, train_set)):,} positions) "
+          f"made in {time.time() - t0:.1f}s, vocabulary {tok.vocab_size}, {n_params:,} parameters")
+    tcfg = TrainConfig(**{**LM_TRAIN, "out_dir": os.path.join(out_dir, "llm_train"), "seed": seed,
+                          **overrides})
+    train(model, train_set, collate_fn=pad_documents, loss_fn=lm_loss, cfg=tcfg, eval_set=eval_set,
+          lengths=[len(d) for d in train_set])
+    reading = reading_accuracy(model, tok, data_dir)
+    print(f"llm stand-in: answers {reading:.1%} of held-out questions "
+          "given the scene as soft words")
     model.cpu().save_pretrained(path)
-    write_json(os.path.join(path, "generation_config.json"), {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-                                                              "pad_token_id": tok.pad_id})
+    write_json(os.path.join(path, "generation_config.json"),
+               {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                "pad_token_id": tok.pad_id})
+    write_json(os.path.join(path, "reading.json"), {"seed": seed, "reading_accuracy": reading})
     return path
 
 
 def ensure_shapes(data_dir=DATA_DIR, n_images=N_IMAGES):
+    """The shapes data set in data_dir, made if missing; a data set made before the held-out
+    conversations and the validation split existed gets those added (its other files unchanged)."""
+    t0 = time.time()
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        t0 = time.time()
         counts = shapes.make_shapes(data_dir, n_images=n_images, size=IMAGE_SIZE)
-        print(f"made the shapes data set in {data_dir} ({time.time() - t0:.1f}s): {counts}")
+    elif not os.path.exists(os.path.join(data_dir, "test_chat.json")):
+        counts = shapes.make_held_out(data_dir, n_val=round(n_images * 0.1))
+    else:
+        return data_dir
+    print(f"made the shapes data set in {data_dir} ({time.time() - t0:.1f}s): {counts}")
     return data_dir
 
 
-def ensure_standins(data_dir=DATA_DIR, out_dir=OUT_DIR, force=False, **overrides):
-    """(vision_dir, llm_dir): the stand-ins, trained first if they are not there yet."""
+def standins_dir(seed):
+    """Where the stand-ins of a seed live: runs/standins for seed 0, runs/standins-seedN for the others."""
+    return OUT_DIR if seed == 0 else f"{OUT_DIR}-seed{seed}"
+
+
+def ensure_standins(data_dir=DATA_DIR, out_dir=None, force=False, seed=0, **overrides):
+    """(vision_dir, llm_dir): the stand-ins of `seed`, trained first if they are not there yet
+    (out_dir: default standins_dir(seed))."""
+    out_dir = out_dir or standins_dir(seed)
     vision, llm = os.path.join(out_dir, "vision"), os.path.join(out_dir, "llm")
+    seed_file = os.path.join(out_dir, "seed.json")
+    if not force and os.path.exists(seed_file):
+        with open(seed_file) as f:
+            trained = json.load(f)["seed"]
+        if trained != seed:
+            raise InputError(f"{out_dir} holds the stand-ins of seed {trained}, not {seed}: "
+                             "pass --force to retrain them, or another directory")
     _, _, device = init_distributed()
     for path, fn in ((vision, train_vision), (llm, train_llm)):
         if force or not os.path.exists(os.path.join(path, "model.safetensors")):
             t0 = time.time()
             print(f"stage 0: training the {os.path.basename(path)} stand-in -> {path}")
-            fn(data_dir, out_dir, device, **overrides)
+            fn(data_dir, out_dir, device, seed=seed, **overrides)
             print(f"stage 0: {os.path.basename(path)} stand-in done in {time.time() - t0:.1f}s")
+    write_json(seed_file, {"seed": seed})
     return vision, llm
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="stage 0: pretrain the offline stand-in vision tower and LLM")
+    parser = argparse.ArgumentParser(
+        description="stage 0: pretrain the offline stand-in vision tower and LLM")
     parser.add_argument("--data-dir", default=DATA_DIR)
-    parser.add_argument("--out-dir", default=OUT_DIR)
+    parser.add_argument("--out-dir", help="default: runs/standins (seed 0), runs/standins-seedN (seed N)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the stand-ins' initialisations, pretraining documents and data order")
     parser.add_argument("--force", action="store_true", help="retrain even if the stand-ins exist")
     args = parser.parse_args(argv)
-    ensure_standins(ensure_shapes(args.data_dir), args.out_dir, args.force)
+    ensure_standins(ensure_shapes(args.data_dir), out_dir=args.out_dir, force=args.force, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "exercises"))
 import check  # noqa: E402
+from checks.c05_rope import rope_interleaved  # noqa: E402
+from checks.c07_pad_preprocess import pad_variant  # noqa: E402
+from checks.toy import IMAGE  # noqa: E402
 
 
 @pytest.mark.parametrize("number", sorted(check.EXERCISES))
@@ -50,7 +53,7 @@ def freeze_with_attribute(model, stage):
 
 
 def rope_neighbour_pairs(x, positions, theta):
-    return check.rope_interleaved(x, positions, theta)
+    return rope_interleaved(x, positions, theta)
 
 
 def gqa_with_repeat(q, k, v, past_k=None, past_v=None):
@@ -65,7 +68,7 @@ def cache_with_top_left_mask(q, k, v, past_k=None, past_v=None):
 
 
 def pad_with_black(image, size, mean, std):
-    return check.pad_variant(image, size, mean, std, fill=(0, 0, 0))
+    return pad_variant(image, size, mean, std, fill=(0, 0, 0))
 
 
 def pool_consecutive(x):
@@ -79,7 +82,7 @@ def splice_keeping_placeholder(input_ids, image_features, embed_tokens, attentio
     e = embed_tokens(input_ids.clamp(min=0))
     if image_features is None:
         return e, attention_mask if attention_mask is not None else torch.ones_like(input_ids), labels
-    k = int((input_ids[0] == check.IMAGE).nonzero()[0])
+    k = int((input_ids[0] == IMAGE).nonzero()[0])
     e = torch.cat([e[:, :k + 1], image_features[:1], e[:, k + 1:]], 1)
     return e, torch.ones(e.shape[:2], dtype=torch.long), labels
 

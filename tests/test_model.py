@@ -1,8 +1,9 @@
 """Numerical parity of tinyllava.py with the transformers reference, on the same (random) weights.
 
-Proves: every loader (CLIP, SigLIP, Llama, Qwen2, LLaVA in both key layouts) reproduces transformers'
-features / logits / loss in fp32, greedy generations are token-for-token equal, cached decoding equals
-the full forward, save -> load is bit-exact, and bad checkpoints fail with an error naming the key.
+Proves: every loader (CLIP, SigLIP, Llama, Qwen2, LLaVA in both key layouts) reproduces
+transformers' features / logits / loss in fp32, greedy generations are token-for-token equal, cached
+decoding equals the full forward, save -> load is bit-exact, and bad checkpoints fail with an error
+naming the key.
 
 Run: python -m pytest -q tests/test_model.py
 """
@@ -16,8 +17,19 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
-    CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaConfig,
-    LlavaForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM, SiglipConfig, SiglipModel, SiglipVisionConfig,
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    SiglipConfig,
+    SiglipModel,
+    SiglipVisionConfig,
     SiglipVisionModel,
 )
 
@@ -25,16 +37,19 @@ import tinyllava as tl  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 TOL = 1e-5  # fp32; the issue allows 1e-4, we aim for 1e-5
-VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
-TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=120)
+VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+              image_size=32, patch_size=8)
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=120)
 
 
 def randomize(model, seed=0):
-    """Give every parameter (biases and norm weights included) random values, so that no term is trivially zero."""
+    """Random values in every parameter (norm weights and biases too): no term is trivially zero."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if "norm" in name and p.dim() == 1 else 0.0))
+            offset = 1.0 if "norm" in name and p.dim() == 1 else 0.0
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + offset)
     return model.eval()
 
 
@@ -44,17 +59,20 @@ def save(model, path):
 
 
 def llama_config(**kw):
-    return LlamaConfig(**{**TEXT, "num_key_value_heads": 2, "tie_word_embeddings": True, "rope_theta": 500.0, **kw})
+    defaults = {"num_key_value_heads": 2, "tie_word_embeddings": True, "rope_theta": 500.0}
+    return LlamaConfig(**{**TEXT, **defaults, **kw})
 
 
 def llava(tmp_path, vision_cfg=None, text_cfg=None):
-    cfg = LlavaConfig(vision_config=vision_cfg or CLIPVisionConfig(**VISION), text_config=text_cfg or llama_config(), image_token_index=TEXT["vocab_size"] - 1)
+    cfg = LlavaConfig(vision_config=vision_cfg or CLIPVisionConfig(**VISION),
+                      text_config=text_cfg or llama_config(),
+                      image_token_index=TEXT["vocab_size"] - 1)
     ref = randomize(LlavaForConditionalGeneration(cfg))
     return ref, save(ref, tmp_path / "llava")
 
 
 def hf_ids(ids, image_token, n_tokens):
-    """Our ids with one -200 per image -> transformers' ids with the image token repeated n_tokens times."""
+    """Our ids with one -200 per image -> transformers' ids, each -200 as n_tokens image tokens."""
     out = []
     for t in ids:
         out += [image_token] * n_tokens if t == tl.IMAGE_TOKEN_INDEX else [t]
@@ -70,13 +88,15 @@ def test_vision_parity(tmp_path, kind, layer, feature):
     if kind == "clip":
         ref = CLIPModel(CLIPConfig(vision_config=VISION, text_config={**TEXT, "vocab_size": 99}))
     elif kind == "siglip":
-        ref = SiglipModel(SiglipConfig(vision_config=VISION, text_config={**TEXT, "vocab_size": 99}))
+        ref = SiglipModel(SiglipConfig(vision_config=VISION,
+                                       text_config={**TEXT, "vocab_size": 99}))
     elif kind == "clip_vision":
         ref = CLIPVisionModel(CLIPVisionConfig(**VISION))
     else:
         ref = SiglipVisionModel(SiglipVisionConfig(**VISION))
     randomize(ref)
-    ours = tl.VisionTower.from_pretrained(save(ref, tmp_path / kind), select_layer=layer, select_feature=feature)
+    path = save(ref, tmp_path / kind)
+    ours = tl.VisionTower.from_pretrained(path, select_layer=layer, select_feature=feature)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tower = ref.vision_model if kind in ("clip", "siglip") else ref
@@ -103,12 +123,15 @@ def test_vision_save_roundtrip_loads_in_transformers(tmp_path):
 # --- language model ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_tied", "qwen2_bias", "llama_headdim_bias", "llama_sharded"])
+@pytest.mark.parametrize(
+    "name", ["llama_gqa_tied", "qwen2_bias", "llama_headdim_bias", "llama_sharded"])
 def test_lm_parity_and_greedy(tmp_path, name):
     if name.startswith("qwen2"):
         ref = Qwen2ForCausalLM(Qwen2Config(**TEXT, num_key_value_heads=1, rope_theta=1e6))
     elif name == "llama_headdim_bias":
-        ref = LlamaForCausalLM(llama_config(head_dim=32, attention_bias=True, mlp_bias=True, tie_word_embeddings=False))
+        cfg = llama_config(head_dim=32, attention_bias=True, mlp_bias=True,
+                           tie_word_embeddings=False)
+        ref = LlamaForCausalLM(cfg)
     else:
         ref = LlamaForCausalLM(llama_config())
     randomize(ref)
@@ -125,8 +148,11 @@ def test_lm_parity_and_greedy(tmp_path, name):
     # batched greedy generation with a left-padded prompt, as transformers does it
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
-    want = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None)[:, 12:]
-    model = tl.TinyLlava(tl.VisionTower(tl.VisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1, image_size=8, patch_size=8)), ours)
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                        eos_token_id=None)[:, 12:]
+    tiny = tl.VisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                           num_attention_heads=1, image_size=8, patch_size=8)
+    model = tl.TinyLlava(tl.VisionTower(tiny), ours)
     got = model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(got, want)
 
@@ -144,7 +170,8 @@ def test_rope_theta_top_level_and_rope_parameters(tmp_path):
 
 
 def test_cached_decoding_equals_full_forward(tmp_path):
-    lm = tl.LanguageModel.from_pretrained(save(randomize(LlamaForCausalLM(llama_config())), tmp_path / "lm")).eval()
+    path = save(randomize(LlamaForCausalLM(llama_config())), tmp_path / "lm")
+    lm = tl.LanguageModel.from_pretrained(path).eval()
     ids = torch.randint(0, TEXT["vocab_size"], (2, 10))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding on one row
@@ -166,10 +193,15 @@ def test_cached_decoding_equals_full_forward(tmp_path):
 def test_llava_parity_logits_loss_generation(tmp_path, layout):
     ref, path = llava(tmp_path)
     if layout != "transformers_save":
-        sd = {k: v.contiguous() for k, v in ref.state_dict().items()}  # in memory: model.vision_tower.*, model.language_model.*
-        if layout == "hub":  # llava-hf on the hub: language_model.model.*, vision_tower.vision_model.*
-            sd = {k.replace("model.language_model.", "language_model.model.").replace("model.vision_tower.", "vision_tower.vision_model.")
-                  .replace("model.multi_modal_projector.", "multi_modal_projector.").replace("lm_head.", "language_model.lm_head."): v for k, v in sd.items()}
+        # in memory: model.vision_tower.*, model.language_model.*
+        sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+        # llava-hf on the hub: language_model.model.*, vision_tower.vision_model.*
+        if layout == "hub":
+            sd = {k.replace("model.language_model.", "language_model.model.")
+                  .replace("model.vision_tower.", "vision_tower.vision_model.")
+                  .replace("model.multi_modal_projector.", "multi_modal_projector.")
+                  .replace("lm_head.", "language_model.lm_head."): v
+                  for k, v in sd.items()}
         del sd["language_model.lm_head.weight" if layout == "hub" else "lm_head.weight"]  # tied
         os.remove(f"{path}/model.safetensors")
         save_file(sd, f"{path}/model.safetensors")
@@ -188,12 +220,15 @@ def test_llava_parity_logits_loss_generation(tmp_path, layout):
     assert logits.shape == want.logits.shape
     assert (logits - want.logits).abs().max() <= TOL
     assert abs(loss.item() - want.loss.item()) <= TOL
-    want_gen = ref.generate(input_ids=ref_ids, pixel_values=pix, max_new_tokens=8, do_sample=False, eos_token_id=None)[:, ref_ids.size(1):]
-    assert torch.equal(ours.generate(ids, pixel_values=pix, max_new_tokens=8, eos_token_id=[]), want_gen)
+    want_gen = ref.generate(input_ids=ref_ids, pixel_values=pix, max_new_tokens=8, do_sample=False,
+                            eos_token_id=None)[:, ref_ids.size(1):]
+    got_gen = ours.generate(ids, pixel_values=pix, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(got_gen, want_gen)
 
 
 def test_llava_siglip_qwen2_parity(tmp_path):
-    ref, path = llava(tmp_path, SiglipVisionConfig(**VISION), Qwen2Config(**TEXT, num_key_value_heads=2))
+    ref, path = llava(tmp_path, vision_cfg=SiglipVisionConfig(**VISION),
+                      text_cfg=Qwen2Config(**TEXT, num_key_value_heads=2))
     ref.config.vision_feature_select_strategy = "full"  # SigLIP has no CLS to drop
     cfg = json.load(open(f"{path}/config.json"))
     cfg["vision_feature_select_strategy"] = "full"
@@ -202,13 +237,14 @@ def test_llava_siglip_qwen2_parity(tmp_path):
     prompt = [3, tl.IMAGE_TOKEN_INDEX, 4, 5]
     pix = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        want = ref(input_ids=hf_ids(prompt, ref.config.image_token_index, 16), pixel_values=pix).logits
+        ref_ids = hf_ids(prompt, ref.config.image_token_index, 16)
+        want = ref(input_ids=ref_ids, pixel_values=pix).logits
         got, _ = ours(torch.tensor([prompt]), pixel_values=pix)
     assert (got - want).abs().max() <= TOL
 
 
 def test_batch_with_padding_and_text_only_sample(tmp_path):
-    """A right-padded batch mixing an image sample and a text-only one gives each row's own logits."""
+    """A right-padded batch of an image sample and a text-only one gives each row's own logits."""
     _, path = llava(tmp_path)
     model = tl.TinyLlava.from_pretrained(path).eval()
     a = [1, tl.IMAGE_TOKEN_INDEX, 2, 3]
@@ -227,7 +263,7 @@ def test_batch_with_padding_and_text_only_sample(tmp_path):
 
 
 def splice_row_by_row(ids, embeds, images, mask, labels, left):
-    """The splice spelled out, one row and one token at a time: the reference splice_images must equal."""
+    """The splice spelled out, one row and one token at a time: what splice_images must equal."""
     rows, k = [], 0
     for b in range(ids.size(0)):
         vecs, labs = [], []
@@ -255,11 +291,13 @@ def splice_row_by_row(ids, embeds, images, mask, labels, left):
 
 @pytest.mark.parametrize("left", [False, True])
 def test_splice_equals_a_row_by_row_reference(left):
-    """splice_images places every row's text and images at once; on random padded batches (rows without an
-    image, rows with several, rows of padding only) it must equal the plain loop, and pass gradients back."""
+    """splice_images places every row's text and images at once; on random padded batches (rows
+    without an image, rows with several, rows of padding only) it must equal the plain loop, and
+    pass gradients back."""
     g = torch.Generator().manual_seed(int(left))
     for _ in range(40):
-        B, T, N, D = [int(torch.randint(lo, hi, (), generator=g)) for lo, hi in ((1, 5), (1, 10), (1, 4), (2, 4))]
+        ranges = ((1, 5), (1, 10), (1, 4), (2, 4))  # of B, T, N, D
+        B, T, N, D = [int(torch.randint(lo, hi, (), generator=g)) for lo, hi in ranges]
         lengths = torch.randint(0, T + 1, (B,), generator=g)
         lengths[0] = T
         pos = torch.arange(T)
@@ -267,16 +305,20 @@ def test_splice_equals_a_row_by_row_reference(left):
         ids = torch.randint(0, 50, (B, T), generator=g)
         ids[(torch.rand(B, T, generator=g) < 0.25) & mask] = tl.IMAGE_TOKEN_INDEX
         embeds = torch.randn(B, T, D, generator=g, requires_grad=True)
-        images = torch.randn(int((ids == tl.IMAGE_TOKEN_INDEX).sum()), N, D, generator=g, requires_grad=True)
+        n_images = int((ids == tl.IMAGE_TOKEN_INDEX).sum())
+        images = torch.randn(n_images, N, D, generator=g, requires_grad=True)
         labels = torch.randint(0, 50, (B, T), generator=g)
         got = tl.splice_images(ids, embeds, images, mask.long(), labels)
-        # left padding is seen only in a row that has both padding and tokens; without one, rows pad on the right
-        want = splice_row_by_row(ids, embeds, images, mask, labels, left and bool(((lengths > 0) & (lengths < T)).any()))
+        # left padding is seen only in a row that has both padding and tokens; without one, rows pad
+        # on the right
+        seen_left = left and bool(((lengths > 0) & (lengths < T)).any())
+        want = splice_row_by_row(ids, embeds, images, mask, labels, left=seen_left)
         for a, b in zip(got, want):
             assert a.shape == b.shape and torch.equal(a, b)
         w = torch.randn(got[0].shape, generator=g)
-        for a, b in zip(torch.autograd.grad((got[0] * w).sum(), (embeds, images)),
-                        torch.autograd.grad((want[0] * w).sum(), (embeds, images), allow_unused=True)):
+        got_grads = torch.autograd.grad((got[0] * w).sum(), (embeds, images))
+        want_grads = torch.autograd.grad((want[0] * w).sum(), (embeds, images), allow_unused=True)
+        for a, b in zip(got_grads, want_grads):
             assert torch.equal(a, torch.zeros_like(a) if b is None else b)
 
 
@@ -289,18 +331,20 @@ def test_loss_is_shifted_and_never_nan(tmp_path):
     loss.backward()  # still differentiable, with zero gradient
     labels = torch.tensor([[tl.IGNORE_INDEX, tl.IGNORE_INDEX, tl.IGNORE_INDEX, 4]])
     _, loss = model(ids, labels=labels)
-    want = torch.nn.functional.cross_entropy(logits[0, 2:3].float(), torch.tensor([4]))  # position 2 predicts token 3's successor
+    # position 2 predicts token 3's successor
+    want = torch.nn.functional.cross_entropy(logits[0, 2:3].float(), torch.tensor([4]))
     assert abs(loss.item() - want.item()) <= TOL
     _, loss = model(ids, labels=torch.full_like(ids, tl.IGNORE_INDEX), return_logits=False)
     assert loss.item() == 0.0
 
 
 def test_training_loss_without_logits_equals_the_full_loss(tmp_path):
-    """return_logits=False (lm_head at the trained positions only) gives the same loss and gradients as the
-    loss on the full logits, on a padded batch with images."""
+    """return_logits=False (lm_head at the trained positions only) gives the same loss and gradients
+    as the loss on the full logits, on a padded batch with images."""
     _, path = llava(tmp_path)
     model = tl.TinyLlava.from_pretrained(path)
-    ids = torch.tensor([[1, tl.IMAGE_TOKEN_INDEX, 2, 3, 4, 5], [6, tl.IMAGE_TOKEN_INDEX, 7, 8, 0, 0]])
+    ids = torch.tensor([[1, tl.IMAGE_TOKEN_INDEX, 2, 3, 4, 5],
+                        [6, tl.IMAGE_TOKEN_INDEX, 7, 8, 0, 0]])
     mask = torch.tensor([[1] * 6, [1] * 4 + [0, 0]])
     labels = torch.tensor([[-100, -100, -100, 3, 4, 5], [-100, -100, -100, 8, -100, -100]])
     pix = torch.randn(2, 3, 32, 32)
@@ -311,19 +355,21 @@ def test_training_loss_without_logits_equals_the_full_loss(tmp_path):
         assert (logits is None) == (not return_logits)
         loss.backward()
         losses.append(loss.item())
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        trained = [p for p in model.parameters() if p.grad is not None]
+        grads.append(torch.cat([p.grad.flatten() for p in trained]))
     assert abs(losses[0] - losses[1]) <= 1e-6 and losses[0] > 0
     assert grads[0].shape == grads[1].shape and (grads[0] - grads[1]).abs().max() <= 1e-6
 
 
 def test_training_step_equal_under_gradient_checkpointing_and_compile(tmp_path):
-    """The same loss and gradients (padded batch with images) eagerly, with gradient checkpointing (the layers
-    then run twice: the backward recomputes them), and with TinyLlava.compile (fullgraph: the vision tower
-    and the decoder body trace without a graph break; the aot_eager backend checks the traced forward and
-    backward in seconds, inductor's code generation is PyTorch's to test); greedy generation from the
-    compiled model equals the eager one."""
+    """The same loss and gradients (padded batch with images) eagerly, with gradient checkpointing
+    (the layers then run twice: the backward recomputes them), and with TinyLlava.compile
+    (fullgraph: the vision tower and the decoder body trace without a graph break; the aot_eager
+    backend checks the traced forward and backward in seconds, inductor's code generation is
+    PyTorch's to test); greedy generation from the compiled model equals the eager one."""
     _, path = llava(tmp_path)
-    ids = torch.tensor([[1, tl.IMAGE_TOKEN_INDEX, 2, 3, 4, 5], [6, tl.IMAGE_TOKEN_INDEX, 7, 8, 0, 0]])
+    ids = torch.tensor([[1, tl.IMAGE_TOKEN_INDEX, 2, 3, 4, 5],
+                        [6, tl.IMAGE_TOKEN_INDEX, 7, 8, 0, 0]])
     mask = torch.tensor([[1] * 6, [1] * 4 + [0, 0]])
     labels = torch.tensor([[-100, -100, -100, 3, 4, 5], [-100, -100, -100, 8, -100, -100]])
     pix = torch.randn(2, 3, 32, 32)
@@ -343,7 +389,9 @@ def test_training_step_equal_under_gradient_checkpointing_and_compile(tmp_path):
     for loss, grad in zip(losses[1:], grads[1:]):
         assert abs(loss - losses[0]) <= TOL and (grad - grads[0]).abs().max() <= TOL
     prompt = torch.tensor([[0, 0, 5, tl.IMAGE_TOKEN_INDEX, 6]])  # left-padded
-    gen = [m.eval().generate(prompt, pix[:1], attention_mask=(prompt > 0).long(), max_new_tokens=6, eos_token_id=[]) for m in (models[0], models[2])]
+    gen = [m.eval().generate(prompt, pix[:1], attention_mask=(prompt > 0).long(), max_new_tokens=6,
+                             eos_token_id=[])
+           for m in (models[0], models[2])]
     assert torch.equal(gen[0], gen[1])
 
 
@@ -355,7 +403,8 @@ def test_image_count_mismatch_raises(tmp_path):
 
 
 def test_from_parts_save_load_roundtrip_bit_exact(tmp_path):
-    vision = save(randomize(CLIPModel(CLIPConfig(vision_config=VISION, text_config={**TEXT, "vocab_size": 99}))), tmp_path / "clip")
+    clip = CLIPModel(CLIPConfig(vision_config=VISION, text_config={**TEXT, "vocab_size": 99}))
+    vision = save(randomize(clip), tmp_path / "clip")
     llm = save(randomize(LlamaForCausalLM(llama_config())), tmp_path / "llm")
     (tmp_path / "llm" / "tokenizer.json").write_text("{}")
     model = tl.TinyLlava.from_parts(vision, llm).eval()
@@ -377,7 +426,8 @@ def test_dtype_argument(tmp_path):
     _, path = llava(tmp_path)
     model = tl.TinyLlava.from_pretrained(path, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert model.language_model.lm_head.weight is model.language_model.model.embed_tokens.weight  # still tied
+    lm = model.language_model
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight  # still tied
     logits, _ = model(torch.tensor([[1, tl.IMAGE_TOKEN_INDEX, 2]]), torch.randn(1, 3, 32, 32))
     assert torch.isfinite(logits).all()
 
@@ -408,7 +458,8 @@ def test_bad_checkpoint_names_the_key(tmp_path, damage, message):
     ({"model_type": "mistral"}, "unsupported language model_type 'mistral'"),
     ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
     ({"hidden_act": "swish2"}, "unsupported activation 'swish2'"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "unsupported rope scaling 'yarn'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+     "unsupported rope scaling 'yarn'"),
 ])
 def test_unsupported_settings_raise(tmp_path, change, message):
     path = save(randomize(LlamaForCausalLM(llama_config())), tmp_path / "lm")
@@ -427,10 +478,13 @@ def test_unsupported_vision_activation_raises(tmp_path):
 
 
 def test_chunked_prefill_without_padding(tmp_path):
-    """Several tokens at once on top of a cache (no padding): the causal mask must be aligned bottom-right."""
-    # fp64: the two paths (is_causal vs an explicit mask over the cache) round differently, and in fp32 that
-    # reaches 1e-5 for about one random input in fifteen; a misaligned mask is off by far more than 1e-10
-    lm = tl.LanguageModel.from_pretrained(save(randomize(LlamaForCausalLM(llama_config())), tmp_path / "lm")).eval().double()
+    """Several tokens at once on top of a cache (no padding): the causal mask must be aligned
+    bottom-right."""
+    # fp64: the two paths (is_causal vs an explicit mask over the cache) round differently, and in
+    # fp32 that reaches 1e-5 for about one random input in fifteen; a misaligned mask is off by far
+    # more than 1e-10
+    path = save(randomize(LlamaForCausalLM(llama_config())), tmp_path / "lm")
+    lm = tl.LanguageModel.from_pretrained(path).eval().double()
     ids = torch.randint(0, TEXT["vocab_size"], (2, 10))
     with torch.no_grad():
         full = lm(ids)

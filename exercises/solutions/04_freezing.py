@@ -2,8 +2,9 @@
 
 
 def set_stage(model, stage):
-    trainable = {"pretrain": ("multi_modal_projector",),  # stage 1: align the projector only
-                 "finetune": ("multi_modal_projector", "language_model")}  # stage 2: the vision tower stays frozen
+    # stage 1 aligns the projector only; stage 2 trains the LLM too; the vision tower stays frozen
+    trainable = {"pretrain": ("multi_modal_projector",),
+                 "finetune": ("multi_modal_projector", "language_model")}
     if stage not in trainable:
         raise ValueError(f"unknown stage {stage!r}; use 'pretrain' or 'finetune'")
     for name in ("vision_tower", "multi_modal_projector", "language_model"):

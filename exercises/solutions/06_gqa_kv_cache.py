@@ -1,4 +1,5 @@
-"""Solution to exercise 6, written out with plain tensor ops (tinyllava.py uses SDPA with enable_gqa)."""
+"""Solution to exercise 6, written out with plain tensor ops (tinyllava.py uses SDPA with
+enable_gqa)."""
 
 import math
 
@@ -16,7 +17,8 @@ def attention(q, k, v, past_k=None, past_v=None):
     k_rep = k.repeat_interleave(group, dim=1)  # (B, nh, S, hs)
     v_rep = v.repeat_interleave(group, dim=1)
     att = q @ k_rep.transpose(-2, -1) / math.sqrt(hs)  # (B, nh, T, S)
-    # the T queries are the LAST T positions: query i sits at position S - T + i and sees keys 0..S-T+i
+    # the T queries are the LAST T positions: query i sits at position S - T + i and sees keys
+    # 0..S-T+i
     q_pos = torch.arange(S - T, S, device=q.device)[:, None]
     k_pos = torch.arange(S, device=q.device)[None, :]
     att = att.masked_fill(k_pos > q_pos, float("-inf"))

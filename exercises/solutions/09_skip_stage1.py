@@ -7,7 +7,8 @@ import torch
 def image_gap(model, batch):
     was_training = model.training
     model.eval()
-    args = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    args = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                labels=batch["labels"])
     _, real = model(pixel_values=batch["pixel_values"], **args)
     # image i now goes to the sample of image i + 1: same pixels statistics, wrong content
     _, shuffled = model(pixel_values=batch["pixel_values"].roll(1, dims=0), **args)

@@ -1,4 +1,5 @@
-"""Solution to exercise 10: LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) on the LLM's attention."""
+"""Solution to exercise 10: LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) on the LLM's
+attention."""
 
 import math
 
@@ -7,14 +8,17 @@ import torch.nn as nn
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + scale * B(A(x)): a frozen Linear plus a trainable rank-r update, B starting at 0."""
+    """y = base(x) + scale * B(A(x)): a frozen Linear plus a trainable rank-r update, B starting
+    at 0."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
         self.base = base
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device, dtype=base.weight.dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear; B = 0 keeps the model unchanged at start
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **like))
+        # A initialised like nn.Linear's weight; B = 0 keeps the model unchanged at the start
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scale = alpha / rank
 
     def forward(self, x):
