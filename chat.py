@@ -74,8 +74,8 @@ def normalize(text):
 
 def evaluate(model_dir, data_file, image_folder=None, batch_size=64, out=None, device=None,
              template=None, max_new_tokens=32):
-    """Answer the last human turn of every sample by greedy generation; print exact-match accuracy,
-    overall and per "type" when the samples have one; write the answers as JSONL (default: into
+    """Answer every reference turn of every sample by greedy generation (see evaluate_model); print
+    exact-match accuracy, overall, per "type" and per turn; write the answers as JSONL (default: into
     model_dir). Returns the accuracies."""
     model, tokenizer, settings = load_for_inference(model_dir, device, template)
     out = out or os.path.join(model_dir, "answers.jsonl")
@@ -85,46 +85,75 @@ def evaluate(model_dir, data_file, image_folder=None, batch_size=64, out=None, d
 
 def evaluate_model(model, tokenizer, settings, data_file, out, image_folder=None, batch_size=64,
                    max_new_tokens=32):
-    """evaluate() for a model already in memory, talked to as data.ChatConfig `settings` says."""
+    """evaluate() for a model already in memory, talked to as data.ChatConfig `settings` says.
+
+    Each gpt turn of a sample is a reference. The model answers the first human turn, then the second
+    after its *own* first answer (not the reference), and so on, as in a chat: a wrong description
+    stays in the context of the questions that follow it. A turn's type is the sample's "types"[k],
+    or its "type" for a one-question sample."""
     stop = stop_ids(model, tokenizer, settings.template)
     folder = image_folder or os.path.dirname(os.path.abspath(data_file))
     samples = data.load_samples(data_file)
+    turns = [reference_turns(s, data_file) for s in samples]  # [(system turns, [(question, answer)])]
+    predictions = [[] for _ in samples]
+    for k in range(max(len(qas) for _, qas in turns)):  # round k: every sample's k-th question
+        todo = [i for i, (_, qas) in enumerate(turns) if len(qas) > k]
+        for j in range(0, len(todo), batch_size):
+            prompts, pixels = [], []
+            for i in todo[j : j + batch_size]:
+                system, qas = turns[i]
+                history = [t for (q, _), a in zip(qas, predictions[i])
+                           for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+                convs = system + history + [{"from": "human", "value": qas[k][0]}]
+                prompt, pixel_values = question(samples[i], convs, data_file, folder,
+                                                tokenizer=tokenizer, settings=settings)
+                prompts.append(prompt)
+                pixels += [] if pixel_values is None else [pixel_values]
+            pixels = torch.stack(pixels) if pixels else None
+            answers = answer_batch(model, tokenizer, prompts, pixels, stop=stop,
+                                   max_new_tokens=max_new_tokens)
+            for i, a in zip(todo[j : j + batch_size], answers):
+                predictions[i].append(a)
     rows = []
-    for k in range(0, len(samples), batch_size):
-        prompts, pixels = [], []
-        for s in samples[k : k + batch_size]:
-            prompt, pixel_values = question(s, data_file, folder, tokenizer=tokenizer,
-                                            settings=settings)
-            prompts.append(prompt)
-            pixels += [] if pixel_values is None else [pixel_values]
-        pixels = torch.stack(pixels) if pixels else None
-        answers = answer_batch(model, tokenizer, prompts, pixels, stop=stop,
-                               max_new_tokens=max_new_tokens)
-        for s, a in zip(samples[k : k + batch_size], answers):
-            ref = s["conversations"][-1]["value"]
-            rows.append(dict(id=s["id"], type=s.get("type"),
-                             question=s["conversations"][-2]["value"], answer=ref, prediction=a,
-                             correct=normalize(a) == normalize(ref)))
+    for s, (_, qas), preds in zip(samples, turns, predictions):
+        types = s.get("types") or [s.get("type")] * len(qas)
+        for k, ((q, ref), a) in enumerate(zip(qas, preds)):
+            rows.append(dict(id=s["id"], turn=k + 1, type=types[k], question=q, answer=ref,
+                             prediction=a, correct=normalize(a) == normalize(ref)))
     with open(out, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    accuracy = {"all": sum(r["correct"] for r in rows) / max(1, len(rows))}
+    groups = {"all": rows}
     for t in sorted({r["type"] for r in rows if r["type"] is not None}):
-        group = [r["correct"] for r in rows if r["type"] == t]
-        accuracy[t] = sum(group) / len(group)
-    print(f"exact match on {len(rows)} questions of {data_file}:")
-    for t, a in accuracy.items():
-        group = [r["correct"] for r in rows if t == "all" or r["type"] == t]
-        print(f"  {t:<10} {a:7.1%}  ({sum(group)}/{len(group)})")
+        groups[t] = [r for r in rows if r["type"] == t]
+    if any(r["turn"] > 1 for r in rows):
+        for k in sorted({r["turn"] for r in rows}):
+            groups[f"turn {k}"] = [r for r in rows if r["turn"] == k]
+    print(f"exact match on {len(rows)} answers of {data_file}:")
+    accuracy = {}
+    for name, group in groups.items():
+        right = sum(r["correct"] for r in group)
+        accuracy[name] = right / max(1, len(group))
+        print(f"  {name:<10} {accuracy[name]:7.1%}  ({right}/{len(group)})")
     print(f"answers written to {out}")
     return accuracy
 
 
-def question(sample, data_file, folder, tokenizer, settings):
-    """(prompt ids, pixels (3, H, W) or None) of an eval sample: all turns but the reference."""
+def reference_turns(sample, data_file):
+    """(leading system turns, [(question, reference answer)]) of an eval sample; each human turn must
+    be followed by its reference, from gpt."""
     convs = sample["conversations"]
+    system = [t for t in convs[:1] if t["from"] == "system"]
+    rest = convs[len(system):]
+    roles = [t["from"] for t in rest]
+    if not rest or roles != ["human", "gpt"] * (len(rest) // 2):
+        raise data.DataError(f"{data_file}: sample {sample['id']}: the turns must alternate human, gpt, "
+                             f"and end with the reference answer (from gpt); got {roles}")
+    return system, [(q["value"], a["value"]) for q, a in zip(rest[::2], rest[1::2])]
+
+
+def question(sample, convs, data_file, folder, tokenizer, settings):
+    """(prompt ids, pixels (3, H, W) or None) of the turns `convs` of an eval sample, ready to answer."""
     where = f"{data_file}: sample {sample['id']}"
-    if convs[-1]["from"] != "gpt":
-        raise data.DataError(f"{where}: the last turn must be the reference answer (from gpt)")
     pixel_values = None
     if "image" in sample:
         convs = data.with_image_tag(convs)
@@ -134,7 +163,7 @@ def question(sample, data_file, folder, tokenizer, settings):
         except OSError as e:
             raise data.DataError(f"{where}: cannot read image {file}: {e}") from None
     try:
-        return data.build_prompt(convs[:-1], tokenizer, settings.template), pixel_values
+        return data.build_prompt(convs, tokenizer, settings.template), pixel_values
     except ValueError as e:
         raise data.DataError(f"{where}: {e}") from None
 

@@ -597,6 +597,8 @@ class TinyLlava(nn.Module):
         d, where = read_config(path), f"{path}/config.json"
         if d.get("model_type") != "llava":
             raise InputError(f"{where}: model_type {d.get('model_type')!r} is not 'llava'")
+        if not {"vision_config", "text_config"} <= d.keys():
+            raise InputError(f"{where}: a LLaVA config needs a vision_config and a text_config")
         layer = d.get("vision_feature_layer", -2)
         strategy = d.get("vision_feature_select_strategy", "default")
         if not isinstance(layer, int):

@@ -65,8 +65,10 @@ def main(argv=None):
     if rank == 0:
         model.save_pretrained(args.out_dir)
         print(f"stage 2: model saved to {args.out_dir}")
-        if offline:
+        if offline:  # the held-out questions, then the held-out conversations (captions are long)
             chat.evaluate(args.out_dir, os.path.join(standins.DATA_DIR, "test.json"), device=device)
+            chat.evaluate(args.out_dir, os.path.join(standins.DATA_DIR, "test_chat.json"), device=device,
+                          out=os.path.join(args.out_dir, "answers_chat.jsonl"), max_new_tokens=64)
     return model
 
 

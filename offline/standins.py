@@ -236,7 +236,8 @@ def soft_document(ids, labels, objects, words):
 
 def lm_documents(data_dir, tok, n, seed=0):
     """n pretraining documents, each about a freshly drawn scene (the data set's generator, so
-    unlimited and never memorised; a scene equal to a held-out test image is skipped): 10% a caption
+    unlimited and never memorised; a scene equal to a held-out image, test or validation, is
+    skipped): 10% a caption
     in stage 1's `plain` template, 80% a chatml conversation as in stage 2 (a tenth of them opening
     with a caption), 10% a text-only chat (the data set's general questions). Trained as a chat
     model is: the targets are the replies (captions, answers and their end tokens, as
@@ -247,7 +248,7 @@ def lm_documents(data_dir, tok, n, seed=0):
     read once for more answers; never the same question twice, since a repeat is answered by copying
     the earlier answer, not by reading the scene."""
     meta = json.load(open(os.path.join(data_dir, "meta.json")))
-    held_out = {scene_key(m["objects"]) for m in meta["images"] if m["split"] == "test"}
+    held_out = {scene_key(m["objects"]) for m in meta["images"] if m["split"] != "train"}
     words, rng, docs = attribute_words(tok), random.Random(seed), []
     while len(docs) < n:
         kind, objects = rng.random(), None
@@ -329,16 +330,16 @@ def lm_loss(model, batch):
 
 
 @torch.no_grad()
-def reading_accuracy(lm, tok, data_dir, n=200):
-    """Exact match of the stand-in LLM on held-out test questions with the scene given as soft
-    words: what LLaVA could reach with a perfect projector (greedy, full recompute: answers are a
-    few tokens)."""
+def reading_accuracy(lm, tok, data_dir, n=200, split="test"):
+    """Exact match of the stand-in LLM on the first n held-out questions of a split ("test" or "val")
+    with the scene given as soft words: what LLaVA could reach with a perfect projector (greedy, full
+    recompute: answers are a few tokens)."""
     images = json.load(open(os.path.join(data_dir, "meta.json")))["images"]
     meta = {m["image"]: m["objects"] for m in images}
     words, end = attribute_words(tok), tok.token_to_id("<|im_end|>")
     lm.eval()
     correct = 0
-    samples = data.load_samples(os.path.join(data_dir, "test.json"))[:n]
+    samples = data.load_samples(os.path.join(data_dir, f"{split}.json"))[:n]
     for s in samples:
         ids = data.build_prompt(s["conversations"][:-1], tok, "chatml")
         prompt = soft_document(ids, [IGNORE_INDEX] * len(ids), meta[s["image"]], words)
@@ -385,14 +386,15 @@ def train_llm(data_dir, out_dir, device, n_docs=LM_DOCS, seed=0, **overrides):
                           **overrides})
     train(model, train_set, collate_fn=pad_documents, loss_fn=lm_loss, cfg=tcfg, eval_set=eval_set,
           lengths=[len(d) for d in train_set])
-    reading = reading_accuracy(model, tok, data_dir)
-    print(f"llm stand-in: answers {reading:.1%} of held-out questions "
-          "given the scene as soft words")
+    reading = {split: reading_accuracy(model, tok, data_dir, split=split) for split in ("val", "test")}
+    print(f"llm stand-in: answers {reading['test']:.1%} of held-out test questions "
+          f"({reading['val']:.1%} of validation ones) given the scene as soft words")
     model.cpu().save_pretrained(path)
     write_json(os.path.join(path, "generation_config.json"),
                {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
                 "pad_token_id": tok.pad_id})
-    write_json(os.path.join(path, "reading.json"), {"seed": seed, "reading_accuracy": reading})
+    write_json(os.path.join(path, "reading.json"), {"seed": seed, "reading_accuracy": reading["test"],
+                                                    "val_reading_accuracy": reading["val"]})
     return path
 
 

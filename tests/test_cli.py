@@ -28,6 +28,8 @@ def files(tmp_path_factory):
     tok.save(str(d / "tok" / "tokenizer.json"))
     (d / "bert").mkdir()
     (d / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    (d / "llava").mkdir()
+    (d / "llava" / "config.json").write_text('{"model_type": "llava"}')
     return d
 
 
@@ -50,6 +52,9 @@ CASES = {
     "chat eval: not a LLaVA checkpoint": (
         ["chat.py", "eval", "--model", "{d}/bert", "--data", "{d}/broken.json"],
         "config.json: model_type 'bert' is not 'llava'"),
+    "chat eval: LLaVA config without its parts": (
+        ["chat.py", "eval", "--model", "{d}/llava", "--data", "{d}/broken.json"],
+        "a LLaVA config needs a vision_config and a text_config"),
     "chat: missing model": (["chat.py", "chat", "--model", MISSING, "--prompt", "hi"], MISSING),
     "offline.shapes: bad flag value": (["-m", "offline.shapes", "{d}/shapes", "--n-images", "many"],
                                        "invalid int value: 'many'"),

@@ -8,7 +8,8 @@ run resumed from its last checkpoint ends bit-identical to an uninterrupted one;
 (torchrun) compute the same first gradient and losses as 1 process with the same global batch;
 batched (left-padded) answers equal one-by-one answers; `chat.py chat --prompt` and `eval` work as
 commands; a non-finite loss stops training, naming the step; batches grouped by length cover the
-data once, in a resumable order, with little padding.
+data once, in a resumable order, with little padding; --seed reaches stage 0 (same seed, same
+stand-ins); held-out conversations are scored turn by turn after the model's own answers.
 
 Run: python -m pytest -q tests/test_train.py
 """
@@ -28,6 +29,7 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import chat  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 import train_pt  # noqa: E402
@@ -341,3 +343,32 @@ def test_stage0_follows_the_seed(pipeline, tmp_path):
     standins.ensure_standins(pipeline["shapes"], out_dir=out, seed=0)  # there already: nothing to train
     with pytest.raises(InputError, match="holds the stand-ins of seed 0, not 1"):
         standins.ensure_standins(pipeline["shapes"], out_dir=out, seed=1)
+
+
+def test_conversations_are_scored_turn_by_turn_after_the_models_own_answers(pipeline, tmp_path):
+    """The held-out conversations (test_chat.json): every turn is scored, typed, and asked after the
+    model's own earlier answers; the same turns asked with that history written out give the same answers."""
+    chats = data.load_samples(os.path.join(pipeline["shapes"], "test_chat.json"))[:6]
+    for s in chats:  # references the model cannot produce: they must not leak into the next prompt
+        s["conversations"][1]["value"] = "a purple hexagon somewhere."
+    file = tmp_path / "chats.json"
+    file.write_text(json.dumps(chats))
+    acc = evaluate(pipeline["sft"], str(file), image_folder=pipeline["shapes"],
+                   out=str(tmp_path / "answers.jsonl"), max_new_tokens=64)
+    rows = [json.loads(line) for line in open(tmp_path / "answers.jsonl")]
+    assert len(rows) == sum(len(s["types"]) for s in chats)
+    assert [(r["id"], r["turn"], r["type"]) for r in rows] == [
+        (s["id"], k + 1, t) for s in chats for k, t in enumerate(s["types"])]
+    assert acc["turn 1"] == 0 and {"all", "describe", "turn 2"} <= acc.keys()
+    # the second turns again, their prompts written out by hand with the model's first answer as history
+    model, tok, settings = chat.load_for_inference(pipeline["sft"])
+    first = {r["id"]: r["prediction"] for r in rows if r["turn"] == 1}
+    prompts = []
+    for s in chats:
+        turns = [s["conversations"][0], {"from": "gpt", "value": first[s["id"]]}, s["conversations"][2]]
+        prompts.append(data.build_prompt(data.with_image_tag(turns), tok, settings.template))
+    pixels = torch.stack([data.load_image(os.path.join(pipeline["shapes"], s["image"]), settings.image)
+                          for s in chats])
+    stop = chat.stop_ids(model, tok, settings.template)
+    again = chat.answer_batch(model, tok, prompts, pixels, stop=stop, max_new_tokens=64)
+    assert again == [r["prediction"] for r in rows if r["turn"] == 2]

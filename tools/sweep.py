@@ -8,7 +8,9 @@ Each seed runs `train_pt.py --seed S` then `train_sft.py --seed S` (stage 0's st
 all drawn from that seed; the shapes data set and its held-out questions are the same for every seed), then
 prints one row per seed: the stand-in LLM's reading accuracy (the held-out questions with the scene given
 as soft words: what a perfect projector would reach), the held-out exact match overall and per question
-type, and the wall time; and the minimum and median over the seeds. The table is also written as JSON.
+type, the held-out conversations' exact match overall and per turn (test_chat.json, each turn after the
+model's own earlier answers), and the wall time; then the minimum and median over the seeds. The table is
+also written to OUT_DIR/sweep.json.
 """
 
 import argparse
@@ -38,15 +40,23 @@ def run_seed(seed, out_dir):
         if result.returncode:
             raise InputError(f"seed {seed}: {step[0]} failed (exit {result.returncode}); see {log}")
     seconds = time.time() - t0
-    with open(os.path.join(sft, "answers.jsonl")) as f:
-        answers = [json.loads(line) for line in f]
-    accuracy = {"all": sum(a["correct"] for a in answers) / len(answers)}
-    for t in sorted({a["type"] for a in answers}):
-        group = [a["correct"] for a in answers if a["type"] == t]
-        accuracy[t] = sum(group) / len(group)
+    accuracy = exact_match(os.path.join(sft, "answers.jsonl"), "type")
+    conversation = exact_match(os.path.join(sft, "answers_chat.jsonl"), "turn")
     with open(os.path.join(read_sources(pt)["llm"], "reading.json")) as f:
         reading = json.load(f)["reading_accuracy"]
-    return dict(seed=seed, reading=reading, accuracy=accuracy, seconds=round(seconds))
+    return dict(seed=seed, reading=reading, accuracy=accuracy, conversation=conversation,
+                seconds=round(seconds))
+
+
+def exact_match(answers_file, by):
+    """{"all": share correct, and the share per value of `by`} of a chat.py answers file."""
+    with open(answers_file) as f:
+        answers = [json.loads(line) for line in f]
+    shares = {"all": sum(a["correct"] for a in answers) / len(answers)}
+    for key in sorted({a[by] for a in answers}):
+        group = [a["correct"] for a in answers if a[by] == key]
+        shares[f"turn {key}" if by == "turn" else key] = sum(group) / len(group)
+    return shares
 
 
 def read_sources(pt_dir):
@@ -55,15 +65,18 @@ def read_sources(pt_dir):
 
 
 def print_table(rows):
-    types = list(rows[0]["accuracy"])
-    print(f"{'seed':>4} {'reading':>8} " + " ".join(f"{t:>8}" for t in types) + f" {'time':>7}")
-    for r in rows:
-        print(f"{r['seed']:>4} {r['reading']:8.1%} " + " ".join(f"{r['accuracy'][t]:8.1%}" for t in types)
-              + f" {r['seconds']:>6}s")
+    """One line per seed, then the minimum and the median of every column."""
+    columns = {"reading": lambda r: r["reading"]}
+    columns.update({t: lambda r, t=t: r["accuracy"][t] for t in rows[0]["accuracy"]})
+    columns.update({("chat " + t if t == "all" else t): lambda r, t=t: r["conversation"][t]
+                    for t in rows[0]["conversation"]})
+    print("seed   " + " ".join(f"{name:>8}" for name in columns) + "    time")
+    lines = [(str(r["seed"]), [get(r) for get in columns.values()], r["seconds"]) for r in rows]
     for name, fn in (("min", min), ("median", statistics.median)):
-        print(f"{name:>4} {fn(r['reading'] for r in rows):8.1%} "
-              + " ".join(f"{fn(r['accuracy'][t] for r in rows):8.1%}" for t in types)
-              + f" {fn(r['seconds'] for r in rows):>6}s")
+        lines.append((name, [fn(get(r) for r in rows) for get in columns.values()],
+                      fn(r["seconds"] for r in rows)))
+    for name, values, seconds in lines:
+        print(f"{name:<6} " + " ".join(f"{v:8.1%}" for v in values) + f" {seconds:>6.0f}s")
 
 
 def main(argv=None):
