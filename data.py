@@ -24,9 +24,12 @@ synthetic shapes data set that the offline pipeline trains on lives apart, in of
 """
 
 import argparse
+import hashlib
 import itertools
 import json
+import multiprocessing
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -34,6 +37,7 @@ import numpy as np
 import tokenizers
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, InputError, command_line
 
@@ -75,6 +79,10 @@ class Tokenizer:
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        """encode() of many texts at once, on all cores: the same ids, far faster than one by one."""
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids):
         """Text of the ids, special tokens included; the image placeholder reads as <image>."""
@@ -206,6 +214,14 @@ def tokenize_conversation(conversations, tokenizer, template, max_len=None,
     With add_generation_prompt=True the conversation must end with a human turn, and the ids stop
     at the assistant's cue: the inference prompt is built by the code that built the training data.
     """
+    pieces = conversation_pieces(conversations, tokenizer, template, add_generation_prompt)
+    ids, labels = assemble(pieces, [tokenizer.encode(p) for p, _ in pieces if isinstance(p, str)])
+    return (ids, labels) if max_len is None else truncate(ids, labels, max_len)
+
+
+def conversation_pieces(conversations, tokenizer, template, add_generation_prompt=False):
+    """The conversation as the template writes it, cut where the mask changes: [(piece, trained)],
+    a piece being a text to tokenize or one id (BOS, an end token, the image's -200)."""
     tpl = get_template(template)
     turns = list(conversations)
     system = turns.pop(0)["value"] if turns and turns[0]["from"] == "system" else tpl.system
@@ -229,22 +245,19 @@ def tokenize_conversation(conversations, tokenizer, template, max_len=None,
         raise ValueError(f"template {tpl.name} needs {tpl.end!r} to be a single token "
                          "of the tokenizer")
 
-    ids, labels = [], []
+    pieces = []
 
     def add(piece, trained):
         if isinstance(piece, int):
-            chunk = [piece]
-        else:  # split on the tag, as LLaVA's tokenizer_image_token: text, -200, text
-            chunk = []
-            for k, text in enumerate(piece.split(IMAGE_TAG)):
-                if k:
-                    chunk.append(IMAGE_TOKEN_INDEX)
-                if tokenizer.prefix_space and text.startswith(" "):
-                    text = text[1:]
-                if text:
-                    chunk += tokenizer.encode(text)
-        ids.extend(chunk)
-        labels.extend(chunk if trained else [IGNORE_INDEX] * len(chunk))
+            pieces.append((piece, trained))
+            return
+        for k, text in enumerate(piece.split(IMAGE_TAG)):  # text, -200, text: tokenizer_image_token
+            if k:
+                pieces.append((IMAGE_TOKEN_INDEX, trained))
+            if tokenizer.prefix_space and text.startswith(" "):
+                text = text[1:]
+            if text:
+                pieces.append((text, trained))
 
     if tokenizer.add_bos:
         add(tokenizer.bos_id, False)
@@ -265,8 +278,17 @@ def tokenize_conversation(conversations, tokenizer, template, max_len=None,
             add(end_id, True)
             prompt = tpl.after_end
     add(prompt, False)
-    if max_len is not None:
-        ids, labels = truncate(ids, labels, max_len)
+    return pieces
+
+
+def assemble(pieces, encoded):
+    """(input_ids, labels) of conversation_pieces, its texts' ids given in order: a trained piece keeps
+    its ids as labels, any other is IGNORE_INDEX."""
+    ids, labels, texts = [], [], iter(encoded)
+    for piece, trained in pieces:
+        chunk = [piece] if isinstance(piece, int) else next(texts)
+        ids.extend(chunk)
+        labels.extend(chunk if trained else [IGNORE_INDEX] * len(chunk))
     return ids, labels
 
 
@@ -387,8 +409,9 @@ def load_image(file, image):
 # Datasets and batching
 
 
-def load_samples(path):
-    """Read a LLaVA JSON list or a JSONL file and check each sample's schema; each gets an id."""
+def load_samples(path, check=True):
+    """Read a LLaVA JSON list or a JSONL file; each sample gets an id. check: raise on the first
+    sample whose structure is wrong (schema_problem)."""
     with open(path) as f:
         text = f.read()
     name = os.path.basename(path)
@@ -412,73 +435,167 @@ def load_samples(path):
         if not isinstance(s, dict):
             raise DataError(f"{name}: sample #{i}: expected an object, got {type(s).__name__}")
         s.setdefault("id", f"#{i}")
-        convs = s.get("conversations")
-        if not isinstance(convs, list) or not all(
-                isinstance(t, dict) and isinstance(t.get("value"), str)
-                and t.get("from") in ("system", "human", "gpt") for t in convs):
-            raise DataError(f"{name}: sample {s['id']}: needs 'conversations', a list of "
-                            '{"from": "human"|"gpt"|"system", "value": str}')
-        if "image" in s and not isinstance(s["image"], str):
-            raise DataError(f"{name}: sample {s['id']}: 'image' must be one file name")
+        if check and (problem := schema_problem(s)):
+            raise DataError(f"{name}: sample {s['id']}: {problem}")
     return samples
 
 
+def schema_problem(sample):
+    """What is wrong with a sample's structure, or None."""
+    convs = sample.get("conversations")
+    if not isinstance(convs, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("value"), str)
+            and t.get("from") in ("system", "human", "gpt") for t in convs):
+        return 'needs \'conversations\': a list of {"from": "human"|"gpt"|"system", "value": str}'
+    if "image" in sample and not isinstance(sample["image"], str):
+        return "'image' must be one file name"
+    return None
+
+
+def tag_problem(sample):
+    """More image tags than images (a sample has at most one image), or None."""
+    n_tags = sum(t["value"].count(IMAGE_TAG) for t in sample["conversations"])
+    n_images = 1 if "image" in sample else 0
+    return f"{n_tags} {IMAGE_TAG} tag(s) but {n_images} image(s)" if n_tags > n_images else None
+
+
+def sample_problem(sample, tokenizer, template, image_folder, max_len=None):
+    """Everything ConversationDataset and training would reject in one sample, or None: its structure,
+    roles and image tags, a missing or undecodable image, no trained token left after truncation."""
+    if problem := schema_problem(sample) or tag_problem(sample):
+        return problem
+    convs = sample["conversations"]
+    if "image" in sample:
+        file = os.path.join(image_folder, sample["image"])
+        if not os.path.isfile(file):
+            return f"image not found: {file}"
+        try:
+            with Image.open(file) as im:
+                im.draft("RGB", (64, 64))  # JPEGs decode at a fraction of their size: fast, still a full read
+                im.load()
+        except OSError as e:
+            return f"cannot read image {file}: {e}"
+        convs = with_image_tag(convs)
+    try:
+        tokenize_conversation(convs, tokenizer, template, max_len=max_len)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 class ConversationDataset(torch.utils.data.Dataset):
-    """LLaVA-format conversations, tokenized once up front (cheap, and it finds bad samples before
-    training starts); images are opened lazily in __getitem__ and prepared as `image` says. They
-    are looked up in image_folder, by default the data file's folder; absolute paths are kept."""
+    """LLaVA-format conversations, tokenized once up front, so bad samples are found before training
+    starts: the text pieces of many samples go to the tokenizer in one call (on all cores), and the
+    ids are kept in one int32 array (a few bytes a token, shared by forked loader workers as it is).
+    Images are opened in __getitem__ and prepared as `image` says, looked up in image_folder (by
+    default the data file's folder; absolute paths are kept). With a cache_dir, the tokenized arrays
+    are saved there and loaded by the next run with the same file, tokenizer, template and max_len
+    (a resumed run, the other DDP processes): it starts in seconds."""
+
+    CHUNK = 8192  # samples tokenized per call
+    ARRAYS = ("tokens", "trained", "lengths", "ids", "images", "skipped")  # what the cache holds
 
     def __init__(self, path, tokenizer, template, image=LLAVA_IMAGE, image_folder=None,
-                 max_len=None):
+                 max_len=None, cache_dir=None):
         self.path, self.name, self.image = path, os.path.basename(path), image
         self.image_folder = (os.path.dirname(os.path.abspath(path)) if image_folder is None
                              else image_folder)
         template = get_template(template)
-        self.samples, self.skipped = [], []
-        for s in load_samples(path):
-            n_tags = sum(t["value"].count(IMAGE_TAG) for t in s["conversations"])
-            if n_tags > (1 if "image" in s else 0):
-                self._fail(s, f"{n_tags} {IMAGE_TAG} tag(s) but "
-                              f"{1 if 'image' in s else 0} image(s)")
-            image, convs = None, s["conversations"]
-            if "image" in s:
-                image = os.path.join(self.image_folder, s["image"])
-                if not os.path.isfile(image):
-                    self._fail(s, f"image not found: {image}")
-                convs = with_image_tag(convs)
-            try:
-                ids, labels = tokenize_conversation(convs, tokenizer, template, max_len=max_len)
-            except TooLong:
-                self.skipped.append(s["id"])
-                continue
-            except ValueError as e:
-                self._fail(s, str(e))
-            self.samples.append(dict(id=s["id"], image=image, input_ids=ids, labels=labels))
+        cache = None
+        if cache_dir is not None:
+            key = [os.path.abspath(path), os.path.getsize(path), os.path.getmtime(path),
+                   tokenizer.tok.to_str(), tokenizer.bos_id, tokenizer.eos_id, tokenizer.add_bos,
+                   repr(template), max_len, os.path.abspath(self.image_folder)]
+            digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+            cache = os.path.join(cache_dir, f"{self.name}.{digest}.npz")
+            if os.path.exists(cache):
+                with np.load(cache) as f:
+                    for name in self.ARRAYS:
+                        setattr(self, name, f[name] if name in ("tokens", "trained", "lengths")
+                                else [None if x == "" else str(x) for x in f[name]])
+                self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+                print(f"{self.name}: {len(self.ids):,} samples, tokenized before ({cache})")
+                return
+        self._tokenize(load_samples(path), tokenizer, template, max_len)
+        if cache is not None:
+            os.makedirs(cache_dir, exist_ok=True)
+            arrays = {name: getattr(self, name) for name in self.ARRAYS}
+            for name in ("ids", "images", "skipped"):  # strings; "" for no image
+                arrays[name] = np.array([x or "" for x in arrays[name]], dtype=str)
+            np.savez(cache + ".tmp.npz", **arrays)
+            os.replace(cache + ".tmp.npz", cache)  # atomic: processes writing at once write the same
+
+    def _tokenize(self, samples, tokenizer, template, max_len):
+        self.ids, self.images, self.skipped = [], [], []
+        tokens, trained, lengths = [], [], []
+        for k in tqdm(range(0, len(samples), self.CHUNK), desc=f"tokenizing {self.name}",
+                      disable=len(samples) <= self.CHUNK or not sys.stderr.isatty()):
+            chunk = [(s, *self._pieces(s, tokenizer, template)) for s in samples[k : k + self.CHUNK]]
+            encoded = iter(tokenizer.encode_batch([p for _, _, pieces in chunk for p, _ in pieces
+                                                   if isinstance(p, str)]))
+            for s, image, pieces in chunk:
+                texts = [next(encoded) for p, _ in pieces if isinstance(p, str)]
+                ids, labels = assemble(pieces, texts)
+                try:
+                    ids, labels = (ids, labels) if max_len is None else truncate(ids, labels, max_len)
+                except TooLong:
+                    self.skipped.append(s["id"])
+                    continue
+                self.ids.append(s["id"])
+                self.images.append(image)
+                tokens.append(np.array(ids, dtype=np.int32))
+                trained.append(np.array(labels) != IGNORE_INDEX)
+                lengths.append(len(ids))
+        self.tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
+        self.trained = np.concatenate(trained) if trained else np.zeros(0, bool)
+        self.lengths = np.array(lengths, dtype=np.int64)  # ids per sample (the image counts as one)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
         if self.skipped:
-            total = len(self.skipped) + len(self.samples)
+            total = len(self.skipped) + len(self.ids)
             print(f"{self.name}: skipped {len(self.skipped)} of {total} samples "
                   f"that do not fit max_len={max_len} (first ids: {self.skipped[:5]})")
 
-    def _fail(self, sample, msg):
-        raise DataError(f"{self.name}: sample {sample['id']}: {msg}")
+    def _pieces(self, s, tokenizer, template):
+        """(image file or None, conversation_pieces) of a raw sample; a bad one fails, naming it."""
+        if problem := tag_problem(s):
+            self._fail(s["id"], problem)
+        image, convs = None, s["conversations"]
+        if "image" in s:
+            image = os.path.join(self.image_folder, s["image"])
+            if not os.path.isfile(image):
+                self._fail(s["id"], f"image not found: {image}")
+            convs = with_image_tag(convs)
+        try:
+            return image, conversation_pieces(convs, tokenizer, template)
+        except ValueError as e:
+            self._fail(s["id"], str(e))
+
+    def _fail(self, sample_id, msg):
+        raise DataError(f"{self.name}: sample {sample_id}: {msg}")
 
     @property
     def has_image(self):
-        return [s["image"] is not None for s in self.samples]
+        return [image is not None for image in self.images]
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.ids)
+
+    def tokens_of(self, i):
+        """(input_ids, labels) of sample i, as lists."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        ids = self.tokens[a:b].tolist()
+        return ids, [t if keep else IGNORE_INDEX for t, keep in zip(ids, self.trained[a:b].tolist())]
 
     def __getitem__(self, i):
-        s = self.samples[i]
+        ids, labels = self.tokens_of(i)
         pixel_values = None
-        if s["image"] is not None:
+        if self.images[i] is not None:
             try:
-                pixel_values = load_image(s["image"], self.image)
+                pixel_values = load_image(self.images[i], self.image)
             except OSError as e:
-                self._fail(s, f"cannot read image {s['image']}: {e}")
-        return dict(id=s["id"], input_ids=torch.tensor(s["input_ids"]),
-                    labels=torch.tensor(s["labels"]), pixel_values=pixel_values)
+                self._fail(self.ids[i], f"cannot read image {self.images[i]}: {e}")
+        return dict(id=self.ids[i], input_ids=torch.tensor(ids), labels=torch.tensor(labels),
+                    pixel_values=pixel_values)
 
 
 def collate(batch, pad_id):
@@ -546,6 +663,39 @@ def show(path, tokenizer, template, n=3, image_folder=None, max_len=None, color=
 # CLI
 
 
+def check(path, tokenizer_dir, template, image_folder=None, max_len=None, workers=None):
+    """Check every sample of a data file as training would (sample_problem), on all cores; print each
+    bad one by file and id, then the counts per problem. Returns the number of bad samples."""
+    samples = load_samples(path, check=False)
+    folder = os.path.dirname(os.path.abspath(path)) if image_folder is None else image_folder
+    name, workers = os.path.basename(path), workers or os.cpu_count() or 1
+    args = dict(tokenizer_dir=tokenizer_dir, template=template, image_folder=folder, max_len=max_len)
+    chunks = [samples[k : k + 256] for k in range(0, len(samples), 256)]
+    with multiprocessing.Pool(workers, initializer=_check_init, initargs=(args,)) as pool:
+        results = tqdm(pool.imap(_check_chunk, chunks), total=len(chunks), desc=f"checking {name}",
+                       disable=not sys.stderr.isatty())
+        problems = [p for chunk in results for p in chunk]
+    kinds = {}
+    for s, problem in zip(samples, problems):
+        if problem:
+            print(f"{name}: sample {s['id']}: {problem}")
+            kind = re.split("[:;]", problem)[0]  # the problem without its details
+            kinds[kind] = kinds.get(kind, 0) + 1
+    bad = sum(kinds.values())
+    print(f"{name}: {len(samples) - bad} of {len(samples)} samples are good" + "".join(
+        f"\n  {n:>7,}  {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    return bad
+
+
+def _check_init(args):  # each worker process loads the tokenizer once
+    global _CHECK
+    _CHECK = dict(args, tokenizer=load_tokenizer(args.pop("tokenizer_dir")))
+
+
+def _check_chunk(samples):
+    return [sample_problem(s, **_CHECK) for s in samples]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="tinyllava data tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -556,9 +706,26 @@ def main(argv=None):
     p.add_argument("-n", type=int, default=3, help="number of samples to show")
     p.add_argument("--image-folder", default=None)
     p.add_argument("--max-len", type=int, default=None)
+    p = sub.add_parser("check", help="find every sample that training would reject, on all cores")
+    p.add_argument("file")
+    p.add_argument("--tokenizer", required=True, help="folder with tokenizer.json")
+    p.add_argument("--template", required=True, help=f"one of {', '.join(TEMPLATES)}")
+    p.add_argument("--image-folder", default=None, help="default: the data file's folder")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="training's max_len in ids (context - image tokens + 1): finds samples that "
+                        "keep no trained token")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)
-    show(args.file, load_tokenizer(args.tokenizer), args.template, n=args.n,
-         image_folder=args.image_folder, max_len=args.max_len)
+    if args.command == "show":
+        show(args.file, load_tokenizer(args.tokenizer), args.template, n=args.n,
+             image_folder=args.image_folder, max_len=args.max_len)
+        return
+    get_template(args.template)  # an unknown name fails here, before the workers start
+    load_tokenizer(args.tokenizer)  # and so does a missing tokenizer
+    bad = check(args.file, args.tokenizer, args.template, image_folder=args.image_folder,
+                max_len=args.max_len, workers=args.workers)
+    if bad:
+        raise DataError(f"{args.file}: {bad} bad sample(s), listed above")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -60,6 +59,9 @@ class TrainConfig:
     # stop after this many steps (the schedule still spans the whole run); 0 = run all
     max_steps: int = 0
     progress: bool = True  # show the tqdm bar
+    # DataLoader worker processes that load and collate batches ahead of the loop; None = on CUDA the
+    # cores of this process less one (at most 8), on CPU 0 (there the cores are busy computing)
+    num_workers: int | None = None
 
 
 def add_train_args(parser):
@@ -91,6 +93,8 @@ def add_train_args(parser):
     g.add_argument("--max-steps", type=int,
                    help="stop after this many steps (smoke tests); 0 = all")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show a progress bar")
+    g.add_argument("--num-workers", type=int,
+                   help="data loading processes (default: on CUDA the cores less one, up to 8; on CPU 0)")
     parser.set_defaults(**asdict(TrainConfig()))
 
 
@@ -177,6 +181,59 @@ def epoch_batches(n, batch_size, epoch, seed, lengths=None):
     return batches
 
 
+class StepSampler(torch.utils.data.Sampler):
+    """This process's micro-batches (lists of sample indices), step after step from `start` to `stop`,
+    in the order of epoch_batches. A DataLoader's workers load them ahead of the loop, and a resumed
+    run or a DDP rank loads exactly the samples the loop asks for: the order is the loop's own."""
+
+    def __init__(self, n, cfg, start, stop, rank, world, lengths=None):
+        super().__init__()
+        self.n, self.cfg, self.start, self.stop, self.rank, self.world = n, cfg, start, stop, rank, world
+        self.lengths, self.epoch, self.batches = lengths, None, None
+        self.steps_per_epoch = n // cfg.batch_size
+        self.per_step = math.ceil(cfg.batch_size // world / cfg.micro_batch_size)  # micro-batches
+
+    def micro_batches(self, step):
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            self.batches = epoch_batches(self.n, self.cfg.batch_size, epoch=epoch, seed=self.cfg.seed,
+                                         lengths=self.lengths)
+            self.epoch = epoch
+        mine, mb = self.batches[k][self.rank :: self.world], self.cfg.micro_batch_size
+        return [mine[j : j + mb] for j in range(0, len(mine), mb)]
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield from self.micro_batches(step)
+
+    def __len__(self):
+        return (self.stop - self.start) * self.per_step
+
+
+def make_loader(dataset, batch_sampler, collate_fn, cfg, device, persistent=False):
+    """A DataLoader over `dataset` in `batch_sampler`'s order: pinned memory and prefetching on CUDA. It
+    draws nothing from the global RNG (its own generator), so a resumed run stays bit-identical."""
+    workers = cfg.num_workers
+    if workers is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        workers = min(8, max(0, (os.cpu_count() or 1) // local - 1)) if device.type == "cuda" else 0
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0,
+        prefetch_factor=4 if workers else None, generator=torch.Generator())
+
+
+def next_batch(batches):
+    """The next batch of a DataLoader iterator. A bad sample met in a worker is raised as the same
+    one-line error as in-process: DataLoader writes the worker's traceback into the message."""
+    try:
+        return next(batches)
+    except InputError as e:
+        if not str(e).startswith("Caught "):
+            raise
+        raise type(e)(str(e).rstrip().splitlines()[-1].split(": ", 1)[-1]) from None
+
+
 # -----------------------------------------------------------------------------
 # The loop. A loss function returns (summed loss, trained targets, positions processed) of a batch;
 # the loop divides by the global number of targets.
@@ -222,14 +279,16 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
     if master:
         write_jsonl(log_file, log)
 
-    def make_batch(dataset, idx):  # samples -> a batch on the device
-        return to_device(collate_fn([dataset[i] for i in idx]), device)
-
-    def eval_loss():
-        return evaluate(model, raw, eval_set, make_batch=make_batch, loss_fn=loss_fn,
-                        micro_batch_size=cfg.micro_batch_size, autocast=autocast)
-
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
+    sampler = StepSampler(len(train_set), cfg, start=start, stop=stop, rank=rank, world=world,
+                          lengths=lengths)
+    batches = iter(make_loader(train_set, sampler, collate_fn, cfg, device))
+    eval_loader = None
+    if eval_set is not None and len(eval_set):  # each process takes every world-th micro-batch
+        mb = cfg.micro_batch_size
+        eval_idx = [range(k, min(k + mb, len(eval_set))) for k in range(rank * mb, len(eval_set), world * mb)]
+        eval_loader = make_loader(eval_set, eval_idx, collate_fn, cfg, device, persistent=True)
+
     if master:
         n_params = sum(p.numel() for p in trainable.values())
         print(f"training {n_params:,} parameters: {total} steps of "
@@ -238,22 +297,15 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
     bar = tqdm(range(start, stop), initial=start, total=total,
                disable=not (master and cfg.progress), dynamic_ncols=True)
     model.train()
-    t_start, batches_epoch = time.time(), None
+    t_start = time.time()
     for step in bar:
         t0 = time.time()
         lr = lr_at(step, total, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch != batches_epoch:
-            batches = epoch_batches(len(train_set), cfg.batch_size, epoch=epoch, seed=cfg.seed,
-                                    lengths=lengths)
-            batches_epoch = epoch
-        mine = batches[k][rank::world]
-        mb = cfg.micro_batch_size
-        micro = [mine[j : j + mb] for j in range(0, len(mine), mb)]
-        loss, n_tokens = backward(model, micro, partial(make_batch, train_set), loss_fn=loss_fn,
-                                  autocast=autocast, world=world)
+        micro = [to_device(next_batch(batches), device) for _ in range(sampler.per_step)]
+        waited = time.time() - t0  # for data: ~0 when the workers keep ahead of the loop
+        loss, n_tokens = backward(model, micro, loss_fn=loss_fn, autocast=autocast, world=world)
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss} at step {step + 1} (lr {lr:.2e}); "
                                      "nothing was saved for this step")
@@ -264,12 +316,12 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
 
         dt = time.time() - t0
         row = dict(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 4), loss=loss, lr=lr,
-                   grad_norm=grad_norm.item(), tok_s=round(n_tokens / dt),
+                   grad_norm=grad_norm.item(), tok_s=round(n_tokens / dt), data_wait=round(waited / dt, 3),
                    time=round(time.time() - t_start, 2))
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", tok_s=f"{n_tokens / dt:,.0f}")
         eval_now = (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total
         if eval_set is not None and len(eval_set) and eval_now:
-            row["eval_loss"] = eval_loss()
+            row["eval_loss"] = evaluate(model, raw, eval_loader, loss_fn=loss_fn, autocast=autocast)
             if master:
                 bar.write(f"step {step + 1}: eval loss {row['eval_loss']:.4f}")
         log.append(row)
@@ -287,14 +339,12 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
     return log
 
 
-def backward(model, micro_batches, make_batch, loss_fn, autocast, world):
-    """Forward and backward over this process's micro-batches (lists of sample indices) of one step;
-    leaves in each .grad the gradient of the global batch's mean loss.
-    Returns (that mean loss, positions processed)."""
+def backward(model, micro_batches, loss_fn, autocast, world):
+    """Forward and backward over this process's micro-batches (on its device) of one step; leaves in
+    each .grad the gradient of the global batch's mean loss. Returns (that mean loss, positions)."""
     device = next(model.parameters()).device
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # summed loss, targets, positions
-    for j, idx in enumerate(micro_batches):
-        batch = make_batch(idx)
+    for j, batch in enumerate(micro_batches):
         # DDP averages gradients across processes at every backward: skip it until the last micro-batch
         sync = nullcontext() if world == 1 or j == len(micro_batches) - 1 else model.no_sync()
         with sync:
@@ -313,19 +363,18 @@ def backward(model, micro_batches, make_batch, loss_fn, autocast, world):
     return loss_sum / max(n_targets, 1), n_tokens
 
 
-def evaluate(model, raw, eval_set, make_batch, loss_fn, micro_batch_size, autocast):
-    """Mean loss per target over eval_set, each process taking every world-th micro-batch. `model`
-    (maybe DDP) switches modes; the loss runs on `raw`, so no gradient sync is set up."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+def evaluate(model, raw, loader, loss_fn, autocast):
+    """Mean loss per target over the eval loader's batches (this process's share), summed over the
+    processes. `model` (maybe DDP) switches modes; the loss runs on `raw`: no gradient sync."""
     device = next(raw.parameters()).device
     model.eval()
     sums = torch.zeros(2, device=device, dtype=torch.float64)
     with torch.no_grad(), autocast:
-        for k in range(rank * micro_batch_size, len(eval_set), world * micro_batch_size):
-            idx = range(k, min(k + micro_batch_size, len(eval_set)))
-            s, n, _ = loss_fn(raw, make_batch(eval_set, idx))
+        batches = iter(loader)
+        for _ in range(len(loader)):
+            s, n, _ = loss_fn(raw, to_device(next_batch(batches), device))
             sums += torch.stack([s.double(), torch.as_tensor(n, device=device).double()])
-    if world > 1:
+    if dist.is_initialized():
         dist.all_reduce(sums)
     model.train()
     return (sums[0] / sums[1].clamp(min=1)).item()

@@ -141,6 +141,8 @@ def stage_parser(doc):
     parser.add_argument("--max-len", type=int, default=None,
                         help="max positions per sample, image patches included "
                              "(default: the LLM's context)")
+    parser.add_argument("--cache-dir", default=os.path.join("runs", "cache"),
+                        help="where the tokenized data set is kept for the next run with the same data")
     parser.add_argument("--eval-frac", type=float, default=0.02,
                         help="fraction of the data held out for the eval loss")
     parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
@@ -175,7 +177,8 @@ def llava_datasets(model, args, tokenizer):
     # the data path counts the image placeholder as one id; the model makes it num_tokens positions
     full = data.ConversationDataset(args.data, tokenizer, settings.template, settings.image,
                                     image_folder=args.image_folder,
-                                    max_len=context - model.vision_tower.num_tokens + 1)
+                                    max_len=context - model.vision_tower.num_tokens + 1,
+                                    cache_dir=args.cache_dir)
     k = round(1 / args.eval_frac) if args.eval_frac > 0 else len(full) + 1
     held = [i for i in range(len(full)) if i % k == k - 1]
     kept = [i for i in range(len(full)) if i % k != k - 1]
@@ -188,10 +191,9 @@ def run_stage(model, args, tokenizer):
     print(f"{args.data}: {len(train_set)} training samples, "
           f"{len(eval_set)} held out for the eval loss")
     lengths = None
-    if args.group_by_length:  # positions in the LLM: the image placeholder stands for num_tokens
-        samples = [train_set.dataset.samples[i] for i in train_set.indices]
-        extra = model.vision_tower.num_tokens - 1
-        lengths = [len(s["input_ids"]) + (extra if s["image"] else 0) for s in samples]
+    if args.group_by_length:  # positions in the LLM: the image placeholder stands for num_tokens of them
+        full, extra = train_set.dataset, model.vision_tower.num_tokens - 1
+        lengths = [int(full.lengths[i]) + (extra if full.images[i] else 0) for i in train_set.indices]
     collate = partial(data.collate, pad_id=tokenizer.pad_id)
     return train.train(model, train_set, collate_fn=collate, loss_fn=llava_loss,
                        cfg=train.train_config(args), eval_set=eval_set, lengths=lengths)

@@ -400,14 +400,50 @@ def ds_conv(folder, i):
     return json.loads((folder / "train.json").read_text())[i]["conversations"]
 
 
+@pytest.mark.parametrize("template", list(data.TEMPLATES))
+def test_dataset_tokens_equal_tokenize_conversation(folder, tok, template, monkeypatch):
+    """The data set tokenizes the pieces of many samples in one call (here in chunks of 3 samples, so a
+    chunk boundary falls inside the file) and keeps them in one array: each sample's ids and labels
+    equal tokenize_conversation's for that sample alone."""
+    monkeypatch.setattr(data.ConversationDataset, "CHUNK", 3)
+    ds = data.ConversationDataset(str(folder / "train.json"), tok, template)
+    samples = data.load_samples(str(folder / "train.json"))
+    assert len(ds) == len(samples) == 4
+    for i, s in enumerate(samples):
+        convs = data.with_image_tag(s["conversations"]) if "image" in s else s["conversations"]
+        assert ds.tokens_of(i) == data.tokenize_conversation(convs, tok, template)
+
+
+def test_tokenized_data_set_is_cached_for_the_next_run(folder, tok, tmp_path, monkeypatch, capsys):
+    """A second data set over the same file, tokenizer, template and max_len loads the first one's
+    arrays instead of tokenizing (the same samples, ids, labels, images); another max_len does not."""
+    cache, file = tmp_path / "cache", str(folder / "train.json")
+    first = data.ConversationDataset(file, tok, "vicuna_v1", cache_dir=str(cache))
+    assert len(list(cache.iterdir())) == 1
+
+    def no_tokenizing(*args):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(data.ConversationDataset, "_tokenize", no_tokenizing)
+    again = data.ConversationDataset(file, tok, "vicuna_v1", cache_dir=str(cache))
+    assert "tokenized before" in capsys.readouterr().out
+    assert (again.ids, again.images, again.skipped) == (first.ids, first.images, first.skipped)
+    assert [again.tokens_of(i) for i in range(len(again))] == [first.tokens_of(i) for i in range(len(first))]
+    assert again.images[0] is not None and again.images[1] is None  # "no image" survives the cache
+    assert torch.equal(again[0]["pixel_values"], first[0]["pixel_values"])
+    with pytest.raises(AssertionError, match="tokenized again"):
+        data.ConversationDataset(file, tok, "vicuna_v1", max_len=500, cache_dir=str(cache))
+
+
 def test_truncation_skips_are_counted(folder, tok, capsys):
     ids, labels = data.tokenize_conversation(TEXT_CONV[1:], tok, "vicuna_v1")
     # s3 loses every target
     max_len = next(k for k, label in enumerate(labels) if label != IGNORE_INDEX)
     ds = data.ConversationDataset(str(folder / "train.json"), tok, "vicuna_v1", max_len=max_len)
     assert "s3" in ds.skipped and len(ds) + len(ds.skipped) == 4
-    assert all(len(s["input_ids"]) <= max_len for s in ds.samples)
-    assert all(any(label != IGNORE_INDEX for label in s["labels"]) for s in ds.samples)
+    samples = [ds.tokens_of(i) for i in range(len(ds))]
+    assert all(len(ids) <= max_len for ids, _ in samples)
+    assert all(any(label != IGNORE_INDEX for label in labels) for _, labels in samples)
     assert f"skipped {len(ds.skipped)} of 4" in capsys.readouterr().out
 
 
@@ -466,6 +502,46 @@ def test_bad_inputs(tmp_path, tok):
     with pytest.raises(ValueError, match="unknown template 'vicuna'; "
                                          "known templates: plain, vicuna_v1, chatml"):
         data.ConversationDataset(str(tmp_path / "broken.json"), tok, "vicuna")
+
+
+
+def test_check_names_every_bad_sample(tmp_path, tok_dirs, capsys):
+    """`data.py check` finds every sample that the data set or training would reject, in one pass over
+    worker processes, names each by file and id, counts them, and fails; the good ones pass."""
+    random_image(8, 8).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    good = [{"from": "human", "value": "<image>\nHi?"}, {"from": "gpt", "value": "Hello."}]
+    long_question = [{"from": "human", "value": "word " * 50}, {"from": "gpt", "value": "Hello."}]
+    samples = [
+        {"id": "ok1", "image": "ok.png", "conversations": good},
+        {"id": "b1", "image": "ok.png", "messages": good},  # no conversations
+        {"id": "b2", "image": "ok.png", "conversations": good[::-1]},  # gpt first
+        {"id": "b3", "image": "nope.png", "conversations": good},
+        {"id": "b4", "image": "broken.png", "conversations": good},
+        {"id": "b5", "conversations": good},  # a tag but no image
+        {"id": "b6", "conversations": long_question},  # max_len leaves no trained token
+        {"id": "ok2", "conversations": [{"from": "human", "value": "Hi?"}, good[1]]},
+    ]
+    file = write_json(tmp_path / "mixed.json", samples)
+    tok = data.load_tokenizer(tok_dirs["bytelevel"])
+    # a max_len that the good samples fit in, and that leaves b6 nothing to train
+    max_len = len(data.tokenize_conversation(good, tok, "vicuna_v1")[0])
+    assert len(data.build_prompt(long_question[:1], tok, "vicuna_v1")) > max_len
+    args = ["check", file, "--tokenizer", tok_dirs["bytelevel"], "--template", "vicuna_v1",
+            "--max-len", str(max_len), "--workers", "2"]
+    with pytest.raises(data.DataError, match="6 bad sample"):
+        data.main(args)
+    out = capsys.readouterr().out
+    for sid, problem in [("b1", "needs 'conversations'"), ("b2", "roles must alternate"),
+                         ("b3", "image not found"), ("b4", "cannot read image"), ("b5", "1 <image> tag(s)"),
+                         ("b6", f"max_len={max_len} leaves no trained token")]:
+        assert f"mixed.json: sample {sid}: {problem}" in out, out
+    assert "sample ok" not in out and "2 of 8 samples are good" in out
+    write_json(tmp_path / "good.json", [samples[0], samples[-1]])
+    data.main(["check", str(tmp_path / "good.json"), "--tokenizer", tok_dirs["bytelevel"],
+               "--template", "vicuna_v1", "--workers", "1"])
+    assert "2 of 2 samples are good" in capsys.readouterr().out
+
 
 # -----------------------------------------------------------------------------
 # synthetic shapes

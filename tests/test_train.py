@@ -20,6 +20,7 @@ import random
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -50,7 +51,8 @@ def losses(out_dir):
 def pt_args(p, out_dir, *extra):
     return ["--vision", p["vision"], "--llm", p["llm"],
             "--data", os.path.join(p["shapes"], "captions.json"), "--out-dir", out_dir,
-            "--lr", "3e-3", "--batch-size", "16", "--micro-batch-size", "16", *QUIET, *extra]
+            "--lr", "3e-3", "--batch-size", "16", "--micro-batch-size", "16",
+            "--cache-dir", os.path.join(p["root"], "cache"), *QUIET, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,8 @@ def pipeline(tmp_path_factory):
     p["pt_model"] = train_pt.main(pt_args(p, p["pt"], "--epochs", "6", "--lr", "1e-2"))
     sft_args = ["--pt", p["pt"], "--data", os.path.join(shapes_dir, "instruct.json"),
                 "--template", "chatml", "--out-dir", p["sft"], "--epochs", "4", "--lr", "1e-3",
-                "--batch-size", "16", "--micro-batch-size", "16", *QUIET]
+                "--batch-size", "16", "--micro-batch-size", "16", "--cache-dir", os.path.join(root, "cache"),
+                *QUIET]
     p["sft_model"] = train_sft.main(sft_args)
     return p
 
@@ -372,3 +375,71 @@ def test_conversations_are_scored_turn_by_turn_after_the_models_own_answers(pipe
     stop = chat.stop_ids(model, tok, settings.template)
     again = chat.answer_batch(model, tok, prompts, pixels, stop=stop, max_new_tokens=64)
     assert again == [r["prediction"] for r in rows if r["turn"] == 2]
+
+
+class Squares(torch.utils.data.Dataset):
+    """x -> x**2 samples for a linear model; sample `bad` is broken, as an unreadable image would be."""
+
+    def __init__(self, n, bad=None):
+        self.n, self.bad = n, bad
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            raise data.DataError(f"squares.json: sample {i}: cannot read image {i}.png")
+        x = torch.tensor([i / self.n, 1.0])
+        return dict(x=x, y=x[:1] ** 2)
+
+
+def squares_loss(model, batch):
+    return ((model(batch["x"]) - batch["y"]) ** 2).sum(), len(batch["x"]), len(batch["x"])
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_worker_processes_load_what_the_loop_would(tmp_path, resume):
+    """DataLoader workers change no number: 2 workers train the weights and log the losses that in-process
+    loading gives (with 2 micro-batches per step and an eval set), also across a resume."""
+    runs = {}
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        cfg = train.TrainConfig(out_dir=str(tmp_path / str(workers)), batch_size=8, micro_batch_size=4,
+                                epochs=3, progress=False, num_workers=workers, eval_every=2, save_every=2)
+        if resume:  # killed after step 3 (its checkpoint is step 2's), then resumed
+            train.train(model, Squares(40), standins.stack, squares_loss, replace(cfg, max_steps=3),
+                        eval_set=Squares(12))
+        log = train.train(model, Squares(40), standins.stack, squares_loss,
+                          replace(cfg, resume=resume), eval_set=Squares(12))
+        logged = [(r["loss"], r["grad_norm"], r.get("eval_loss")) for r in log]
+        runs[workers] = logged, model.weight.detach().clone()
+    assert runs[0][0] == runs[2][0] and len(runs[0][0]) == 15 and torch.equal(runs[0][1], runs[2][1])
+
+
+def test_bad_sample_in_a_worker_is_one_line_naming_it(tmp_path):
+    cfg = train.TrainConfig(out_dir=str(tmp_path), batch_size=4, micro_batch_size=4, progress=False,
+                            num_workers=1)
+    with pytest.raises(data.DataError) as e:
+        train.train(torch.nn.Linear(2, 1), Squares(16, bad=5), standins.stack, squares_loss, cfg)
+    assert str(e.value) == "squares.json: sample 5: cannot read image 5.png"
+
+
+def test_two_nodes_on_one_machine_match_one_process(pipeline, tmp_path):
+    """The multi-node launch the README documents: two torchrun launchers, one per "node" (both on this
+    machine, a static rendezvous on 127.0.0.1), one process each, train the steps that 1 process trains."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = ["--epochs", "1", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2"]
+    train_pt.main(pt_args(pipeline, one, *args))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+         "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", "29519",
+         os.path.join(ROOT, "train_pt.py"), *pt_args(pipeline, two, *args)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=300) for p in launchers]
+    for p, (out, err) in zip(launchers, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert "2 process(es)" in outputs[0][0]
+    l1, l2 = [r["loss"] for r in losses(one)], [r["loss"] for r in losses(two)]
+    assert len(l1) == len(l2) == 2 and l1 == pytest.approx(l2, rel=1e-5)

@@ -1,16 +1,17 @@
 """
-The offline pipeline over several seeds: does the recipe learn whatever the initialisation and the data order?
+The offline pipeline over several seeds: does the recipe learn whatever the initialisation and the
+data order?
 
     python -m tools.sweep                    # seeds 0-4, one after the other (minutes each)
     python -m tools.sweep --seeds 0 1 --out-dir runs/sweep
 
-Each seed runs `train_pt.py --seed S` then `train_sft.py --seed S` (stage 0's stand-ins, stage 1 and stage 2
-all drawn from that seed; the shapes data set and its held-out questions are the same for every seed), then
-prints one row per seed: the stand-in LLM's reading accuracy (the held-out questions with the scene given
-as soft words: what a perfect projector would reach), the held-out exact match overall and per question
-type, the held-out conversations' exact match overall and per turn (test_chat.json, each turn after the
-model's own earlier answers), and the wall time; then the minimum and median over the seeds. The table is
-also written to OUT_DIR/sweep.json.
+Each seed runs `train_pt.py --seed S` then `train_sft.py --seed S` (stage 0's stand-ins, stage 1 and
+stage 2 all drawn from that seed; the shapes data set and its held-out questions are the same for
+every seed), then prints one row per seed: the stand-in LLM's reading accuracy (the held-out
+questions with the scene given as soft words: what a perfect projector would reach), the held-out
+exact match overall and per question type, the held-out conversations' exact match overall and per
+turn (test_chat.json, each turn after the model's own earlier answers), and the wall time; then the
+minimum and median over the seeds. The table is also written to OUT_DIR/sweep.json.
 """
 
 import argparse
@@ -28,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_seed(seed, out_dir):
     """Run the pipeline for one seed; returns its row."""
-    pt, sft = os.path.join(out_dir, f"seed{seed}", "pt"), os.path.join(out_dir, f"seed{seed}", "sft")
+    pt = os.path.join(out_dir, f"seed{seed}", "pt")
+    sft = os.path.join(out_dir, f"seed{seed}", "sft")
     steps = [["train_pt.py", "--seed", str(seed), "--out-dir", pt, "--no-progress"],
              ["train_sft.py", "--seed", str(seed), "--pt", pt, "--out-dir", sft, "--no-progress"]]
     t0 = time.time()
@@ -36,7 +38,8 @@ def run_seed(seed, out_dir):
         log = os.path.join(out_dir, f"seed{seed}", os.path.splitext(step[0])[0] + ".log")
         os.makedirs(os.path.dirname(log), exist_ok=True)
         with open(log, "w") as f:
-            result = subprocess.run([sys.executable, *step], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+            result = subprocess.run([sys.executable, *step], cwd=ROOT, stdout=f,
+                                    stderr=subprocess.STDOUT)
         if result.returncode:
             raise InputError(f"seed {seed}: {step[0]} failed (exit {result.returncode}); see {log}")
     seconds = time.time() - t0
@@ -90,7 +93,8 @@ def main(argv=None):
     for seed in args.seeds:
         rows.append(run_seed(seed, args.out_dir))
         row = rows[-1]
-        print(f"seed {seed}: exact match {row['accuracy']['all']:.1%} in {row['seconds']} s", flush=True)
+        print(f"seed {seed}: exact match {row['accuracy']['all']:.1%} in {row['seconds']} s",
+              flush=True)
     print_table(rows)
     with open(os.path.join(args.out_dir, "sweep.json"), "w") as f:
         json.dump(rows, f, indent=2)
