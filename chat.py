@@ -94,6 +94,8 @@ def evaluate_model(model, tokenizer, settings, data_file, out, image_folder=None
     stop = stop_ids(model, tokenizer, settings.template)
     folder = image_folder or os.path.dirname(os.path.abspath(data_file))
     samples = data.load_samples(data_file)
+    if not samples:
+        raise data.DataError(f"{data_file}: no samples to evaluate")
     turns = [reference_turns(s, data_file) for s in samples]  # [(system turns, [(question, answer)])]
     predictions = [[] for _ in samples]
     for k in range(max(len(qas) for _, qas in turns)):  # round k: every sample's k-th question
@@ -140,15 +142,23 @@ def evaluate_model(model, tokenizer, settings, data_file, out, image_folder=None
 
 def reference_turns(sample, data_file):
     """(leading system turns, [(question, reference answer)]) of an eval sample; each human turn must
-    be followed by its reference, from gpt."""
+    be followed by its reference, from gpt. Checked here, before anything is generated."""
+    where = f"{data_file}: sample {sample['id']}"
+    if problem := data.tag_problem(sample):
+        raise data.DataError(f"{where}: {problem}")
     convs = sample["conversations"]
     system = [t for t in convs[:1] if t["from"] == "system"]
     rest = convs[len(system):]
     roles = [t["from"] for t in rest]
     if not rest or roles != ["human", "gpt"] * (len(rest) // 2):
-        raise data.DataError(f"{data_file}: sample {sample['id']}: the turns must alternate human, gpt, "
-                             f"and end with the reference answer (from gpt); got {roles}")
-    return system, [(q["value"], a["value"]) for q, a in zip(rest[::2], rest[1::2])]
+        raise data.DataError(f"{where}: the turns must alternate human, gpt, and end with the reference "
+                             f"answer (from gpt); got {roles}")
+    if "types" in sample and len(sample["types"]) != len(rest) // 2:
+        raise data.DataError(f"{where}: {len(sample['types'])} types for {len(rest) // 2} questions")
+    qas = [(q["value"], a["value"]) for q, a in zip(rest[::2], rest[1::2])]
+    if any(data.IMAGE_TAG in t for t in [a for _, a in qas] + [q for q, _ in qas[1:]]):
+        raise data.DataError(f"{where}: the {data.IMAGE_TAG} tag may only be in the first question")
+    return system, qas
 
 
 def question(sample, convs, data_file, folder, tokenizer, settings):

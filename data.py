@@ -234,7 +234,7 @@ def conversation_pieces(conversations, tokenizer, template, add_generation_promp
         raise ValueError("a training conversation must end with a gpt answer, "
                          "a generation prompt with a human turn")
     tags = [t["value"].count(IMAGE_TAG) for t in turns]
-    if sum(tags) > 1 or sum(tags[1:]):
+    if sum(tags) > 1 or sum(tags[1:]) or IMAGE_TAG in system:
         raise ValueError(f"at most one {IMAGE_TAG} tag, in the first human turn "
                          "(one image per sample)")
     if tokenizer.eos_id is None and tpl.end is None:
@@ -459,23 +459,34 @@ def tag_problem(sample):
     return f"{n_tags} {IMAGE_TAG} tag(s) but {n_images} image(s)" if n_tags > n_images else None
 
 
+def placed_turns(sample, image_folder):
+    """(problem or None, image file or None, the turns with the image tag in place) of a sample whose
+    structure is sound: what the data set and the check both ask of it before tokenizing."""
+    if problem := tag_problem(sample):
+        return problem, None, None
+    if "image" not in sample:
+        return None, None, sample["conversations"]
+    file = os.path.join(image_folder, sample["image"])
+    if not os.path.isfile(file):
+        return f"image not found: {file}", None, None
+    return None, file, with_image_tag(sample["conversations"])
+
+
 def sample_problem(sample, tokenizer, template, image_folder, max_len=None):
     """Everything ConversationDataset and training would reject in one sample, or None: its structure,
     roles and image tags, a missing or undecodable image, no trained token left after truncation."""
-    if problem := schema_problem(sample) or tag_problem(sample):
+    if problem := schema_problem(sample):
         return problem
-    convs = sample["conversations"]
-    if "image" in sample:
-        file = os.path.join(image_folder, sample["image"])
-        if not os.path.isfile(file):
-            return f"image not found: {file}"
+    problem, file, convs = placed_turns(sample, image_folder)
+    if problem:
+        return problem
+    if file is not None:
         try:
             with Image.open(file) as im:
                 im.draft("RGB", (64, 64))  # JPEGs decode at a fraction of their size: fast, still a full read
                 im.load()
         except OSError as e:
-            return f"cannot read image {file}: {e}"
-        convs = with_image_tag(convs)
+            return f"cannot read image: {file}: {e}"
     try:
         tokenize_conversation(convs, tokenizer, template, max_len=max_len)
     except ValueError as e:
@@ -493,37 +504,41 @@ class ConversationDataset(torch.utils.data.Dataset):
     (a resumed run, the other DDP processes): it starts in seconds."""
 
     CHUNK = 8192  # samples tokenized per call
-    ARRAYS = ("tokens", "trained", "lengths", "ids", "images", "skipped")  # what the cache holds
+    CACHE_VERSION = 1  # raise when the tokenized arrays would come out differently for the same input
 
     def __init__(self, path, tokenizer, template, image=LLAVA_IMAGE, image_folder=None,
                  max_len=None, cache_dir=None):
-        self.path, self.name, self.image = path, os.path.basename(path), image
+        self.name, self.image = os.path.basename(path), image
         self.image_folder = (os.path.dirname(os.path.abspath(path)) if image_folder is None
                              else image_folder)
         template = get_template(template)
         cache = None
         if cache_dir is not None:
-            key = [os.path.abspath(path), os.path.getsize(path), os.path.getmtime(path),
+            key = [self.CACHE_VERSION, os.path.abspath(path), os.path.getsize(path), os.path.getmtime(path),
                    tokenizer.tok.to_str(), tokenizer.bos_id, tokenizer.eos_id, tokenizer.add_bos,
                    repr(template), max_len, os.path.abspath(self.image_folder)]
             digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
             cache = os.path.join(cache_dir, f"{self.name}.{digest}.npz")
-            if os.path.exists(cache):
-                with np.load(cache) as f:
-                    for name in self.ARRAYS:
-                        setattr(self, name, f[name] if name in ("tokens", "trained", "lengths")
-                                else [None if x == "" else str(x) for x in f[name]])
-                self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-                print(f"{self.name}: {len(self.ids):,} samples, tokenized before ({cache})")
-                return
-        self._tokenize(load_samples(path), tokenizer, template, max_len)
-        if cache is not None:
+        if cache is not None and os.path.exists(cache):
+            with np.load(cache) as f:
+                self.tokens, self.trained, self.lengths = f["tokens"], f["trained"], f["lengths"]
+                self.ids, self.skipped = f["ids"].tolist(), f["skipped"].tolist()
+                self.images = [x or None for x in f["images"].tolist()]  # "": no image
+            print(f"{self.name}: {len(self.ids):,} samples, tokenized before ({cache})")
+        else:
+            self._tokenize(load_samples(path), tokenizer, template, max_len)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        if self.skipped:
+            total = len(self.skipped) + len(self.ids)
+            print(f"{self.name}: skipped {len(self.skipped)} of {total} samples "
+                  f"that do not fit max_len={max_len} (first ids: {self.skipped[:5]})")
+        if cache is not None and not os.path.exists(cache):
             os.makedirs(cache_dir, exist_ok=True)
-            arrays = {name: getattr(self, name) for name in self.ARRAYS}
-            for name in ("ids", "images", "skipped"):  # strings; "" for no image
-                arrays[name] = np.array([x or "" for x in arrays[name]], dtype=str)
-            np.savez(cache + ".tmp.npz", **arrays)
-            os.replace(cache + ".tmp.npz", cache)  # atomic: processes writing at once write the same
+            tmp = f"{cache}.{os.getpid()}.tmp.npz"  # each process its own: several may write at once
+            np.savez(tmp, tokens=self.tokens, trained=self.trained, lengths=self.lengths,
+                     ids=np.array(self.ids), skipped=np.array(self.skipped),
+                     images=np.array([x or "" for x in self.images]))
+            os.replace(tmp, cache)  # atomic
 
     def _tokenize(self, samples, tokenizer, template, max_len):
         self.ids, self.images, self.skipped = [], [], []
@@ -539,9 +554,9 @@ class ConversationDataset(torch.utils.data.Dataset):
                 try:
                     ids, labels = (ids, labels) if max_len is None else truncate(ids, labels, max_len)
                 except TooLong:
-                    self.skipped.append(s["id"])
+                    self.skipped.append(str(s["id"]))
                     continue
-                self.ids.append(s["id"])
+                self.ids.append(str(s["id"]))
                 self.images.append(image)
                 tokens.append(np.array(ids, dtype=np.int32))
                 trained.append(np.array(labels) != IGNORE_INDEX)
@@ -549,22 +564,12 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
         self.trained = np.concatenate(trained) if trained else np.zeros(0, bool)
         self.lengths = np.array(lengths, dtype=np.int64)  # ids per sample (the image counts as one)
-        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-        if self.skipped:
-            total = len(self.skipped) + len(self.ids)
-            print(f"{self.name}: skipped {len(self.skipped)} of {total} samples "
-                  f"that do not fit max_len={max_len} (first ids: {self.skipped[:5]})")
 
     def _pieces(self, s, tokenizer, template):
         """(image file or None, conversation_pieces) of a raw sample; a bad one fails, naming it."""
-        if problem := tag_problem(s):
+        problem, image, convs = placed_turns(s, self.image_folder)
+        if problem:
             self._fail(s["id"], problem)
-        image, convs = None, s["conversations"]
-        if "image" in s:
-            image = os.path.join(self.image_folder, s["image"])
-            if not os.path.isfile(image):
-                self._fail(s["id"], f"image not found: {image}")
-            convs = with_image_tag(convs)
         try:
             return image, conversation_pieces(convs, tokenizer, template)
         except ValueError as e:

@@ -216,11 +216,12 @@ def make_loader(dataset, batch_sampler, collate_fn, cfg, device, persistent=Fals
     workers = cfg.num_workers
     if workers is None:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        workers = min(8, max(0, (os.cpu_count() or 1) // local - 1)) if device.type == "cuda" else 0
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(8, max(0, cores // local - 1)) if device.type == "cuda" else 0
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0,
-        prefetch_factor=4 if workers else None, generator=torch.Generator())
+        prefetch_factor=2 if workers else None, generator=torch.Generator())
 
 
 def next_batch(batches):
@@ -276,6 +277,12 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
     if cfg.resume:
         start, log = resume(ckpt_file, log_file, run_id=run_id, trainable=trainable,
                             optimizer=optimizer, device=device, master=master)
+        if world > 1:  # every process must resume from the same step: out_dir on a shared file system
+            steps = torch.tensor([start, -start], device=device)
+            dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+            if steps[0] != -steps[1]:
+                raise InputError(f"the processes found different checkpoints in {cfg.out_dir} (steps "
+                                 f"{-int(steps[1])} to {int(steps[0])}): is it on a file system all see?")
     if master:
         write_jsonl(log_file, log)
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, replace
 from functools import partial
 
 import torch
+import torch.distributed as dist
 
 import chat
 import data
@@ -141,8 +142,9 @@ def stage_parser(doc):
     parser.add_argument("--max-len", type=int, default=None,
                         help="max positions per sample, image patches included "
                              "(default: the LLM's context)")
-    parser.add_argument("--cache-dir", default=os.path.join("runs", "cache"),
-                        help="where the tokenized data set is kept for the next run with the same data")
+    parser.add_argument("--cache-dir", default=os.path.join("runs", "cache"), type=lambda d: d or None,
+                        help="where the tokenized data set is kept for the next run with the same data "
+                             "('' for nowhere)")
     parser.add_argument("--eval-frac", type=float, default=0.02,
                         help="fraction of the data held out for the eval loss")
     parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
@@ -172,13 +174,28 @@ def image_settings(vision_dir):
 def llava_datasets(model, args, tokenizer):
     """(train, eval) ConversationDatasets for `model`, talked to as model.chat says.
     Every round(1 / eval_frac)-th sample is held out for the eval loss."""
+    if not 0 <= args.eval_frac <= 0.5:
+        raise InputError(f"--eval-frac {args.eval_frac}: the share held out must be between 0 and 0.5")
     settings = data.ChatConfig.from_dict(model.chat)
     context = args.max_len or model.language_model.config.max_position_embeddings
     # the data path counts the image placeholder as one id; the model makes it num_tokens positions
-    full = data.ConversationDataset(args.data, tokenizer, settings.template, settings.image,
-                                    image_folder=args.image_folder,
-                                    max_len=context - model.vision_tower.num_tokens + 1,
-                                    cache_dir=args.cache_dir)
+    def dataset():
+        return data.ConversationDataset(args.data, tokenizer, settings.template, settings.image,
+                                        image_folder=args.image_folder,
+                                        max_len=context - model.vision_tower.num_tokens + 1,
+                                        cache_dir=args.cache_dir)
+
+    # with a cache, the first process of each machine tokenizes, the others load its arrays; each process
+    # passes the barrier once, so a bad sample stops all of them with the same message
+    if dist.is_initialized() and args.cache_dir is not None:
+        first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+        try:
+            full = dataset() if first else None
+        finally:
+            dist.barrier()
+        full = dataset() if full is None else full
+    else:
+        full = dataset()
     k = round(1 / args.eval_frac) if args.eval_frac > 0 else len(full) + 1
     held = [i for i in range(len(full)) if i % k == k - 1]
     kept = [i for i in range(len(full)) if i % k != k - 1]

@@ -183,8 +183,8 @@ def one_question(i, objects, rng):
 
 
 def make_held_out(out_dir, seed=0, n_val=400, n_questions=3):
-    """Add two held-out files to a shapes data set, each from its own random stream, so that the files
-    make_shapes wrote stay exactly as they are:
+    """Add two held-out files to a shapes data set, each from its own random stream, so that the images
+    and files make_shapes wrote stay as they are (meta.json gains the validation images):
     - val.json: n_val new images (images/val-*.png) with one question each, like test.json, for
       choosing between recipes; the test set is then scored once, with the recipe chosen;
     - test_chat.json: one conversation per test image, a description and then n_questions questions

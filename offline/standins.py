@@ -378,7 +378,7 @@ def train_llm(data_dir, out_dir, device, n_docs=LM_DOCS, seed=0, **overrides):
     model.to(device)
     t0 = time.time()
     train_set = lm_documents(data_dir, tok, n_docs, seed=seed)
-    eval_set = lm_documents(data_dir, tok, max(8, n_docs // 50), seed=seed + 1)  # other scenes
+    eval_set = lm_documents(data_dir, tok, max(8, n_docs // 50), seed=f"eval-{seed}")  # other scenes
     n_params = sum(p.numel() for p in model.parameters())
     print(f"llm stand-in: {len(train_set):,} documents ({sum(map(len, train_set)):,} positions) "
           f"made in {time.time() - t0:.1f}s, vocabulary {tok.vocab_size}, {n_params:,} parameters")
@@ -429,6 +429,8 @@ def ensure_standins(data_dir=DATA_DIR, out_dir=None, force=False, seed=0, **over
         if trained != seed:
             raise InputError(f"{out_dir} holds the stand-ins of seed {trained}, not {seed}: "
                              "pass --force to retrain them, or another directory")
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(seed_file, {"seed": seed})  # first: a run killed half-way still says whose stand-ins these are
     _, _, device = init_distributed()
     for path, fn in ((vision, train_vision), (llm, train_llm)):
         if force or not os.path.exists(os.path.join(path, "model.safetensors")):
@@ -436,7 +438,6 @@ def ensure_standins(data_dir=DATA_DIR, out_dir=None, force=False, seed=0, **over
             print(f"stage 0: training the {os.path.basename(path)} stand-in -> {path}")
             fn(data_dir, out_dir, device, seed=seed, **overrides)
             print(f"stage 0: {os.path.basename(path)} stand-in done in {time.time() - t0:.1f}s")
-    write_json(seed_file, {"seed": seed})
     return vision, llm
 
 

@@ -101,3 +101,15 @@ def test_matmul_products_count_forward_and_the_backward_that_will_run():
     }
     with torch.no_grad():  # inference: the forward products alone
         assert sum(bench.matmul_products(model, lambda: model(torch.randn(2, 7, 3))).values()) == 3
+
+
+def test_data_bench_runs_on_a_small_data_set():
+    """tools/data_bench.py end to end on a few samples: it prints each of its figures."""
+    args = ["--samples", "200", "--images", "4", "--sizes", "32", "--workers", "0", "1", "--steps", "1",
+            "--batch-size", "4"]
+    proc = subprocess.run([sys.executable, "-m", "tools.data_bench", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in ("data set start-up", "from the cache", "bytes per sample", "loader at 32 px: 0 workers",
+                 "1 workers", "train step at 32 px"):
+        assert line in proc.stdout, proc.stdout

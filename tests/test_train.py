@@ -17,6 +17,7 @@ Run: python -m pytest -q tests/test_train.py
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -443,3 +444,20 @@ def test_two_nodes_on_one_machine_match_one_process(pipeline, tmp_path):
     assert "2 process(es)" in outputs[0][0]
     l1, l2 = [r["loss"] for r in losses(one)], [r["loss"] for r in losses(two)]
     assert len(l1) == len(l2) == 2 and l1 == pytest.approx(l2, rel=1e-5)
+
+
+HI, ONE, TWO = {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "1"}, {"from": "gpt", "value": "2"}
+
+
+@pytest.mark.parametrize("sample,message", [
+    ({"id": "t1", "conversations": [{"from": "human", "value": "<image>\nHi?"}, ONE]},
+     "sample t1: 1 <image> tag(s) but 0 image(s)"),
+    ({"id": "t2", "types": ["count"], "conversations": [HI, ONE, HI, TWO]},
+     "sample t2: 1 types for 2 questions"),
+    ({"id": "t3", "conversations": [HI]}, "sample t3: the turns must alternate"),
+])
+def test_a_bad_evaluation_sample_is_named_before_anything_is_generated(pipeline, tmp_path, sample, message):
+    file = tmp_path / "bad.json"
+    file.write_text(json.dumps([sample]))
+    with pytest.raises(data.DataError, match=re.escape(message)):
+        evaluate(pipeline["sft"], str(file), out=str(tmp_path / "answers.jsonl"))
