@@ -167,11 +167,7 @@ def question(sample, convs, data_file, folder, tokenizer, settings):
     pixel_values = None
     if "image" in sample:
         convs = data.with_image_tag(convs)
-        file = os.path.join(folder, sample["image"])
-        try:
-            pixel_values = data.load_image(file, settings.image)
-        except OSError as e:
-            raise data.DataError(f"{where}: cannot read image {file}: {e}") from None
+        pixel_values = data.load_image(os.path.join(folder, sample["image"]), settings.image, where=where)
     try:
         return data.build_prompt(convs, tokenizer, settings.template), pixel_values
     except ValueError as e:
@@ -186,10 +182,7 @@ def chat(model_dir, image_file=None, prompt=None, device=None, template=None, ma
     device = model.language_model.lm_head.weight.device
     pixel_values = None
     if image_file is not None:
-        try:
-            pixel_values = data.load_image(image_file, settings.image)[None].to(device)
-        except OSError as e:
-            raise InputError(f"cannot read image {image_file}: {e}") from None
+        pixel_values = data.load_image(image_file, settings.image)[None].to(device)
     conversation = []
     if prompt is None:
         print("(an empty line or Ctrl-D ends the chat)")

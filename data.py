@@ -400,10 +400,14 @@ def preprocess_image(image, size, mean, std, mode="pad"):
     x = (x - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
     return torch.from_numpy(x).permute(2, 0, 1).contiguous()  # (3, size, size)
 
-def load_image(file, image):
-    """An image file, prepared as ImageConfig `image` says: (3, size, size)."""
-    with Image.open(file) as im:
-        return preprocess_image(im, image.size, image.mean, image.std, mode=image.mode)
+def load_image(file, image, where=None):
+    """An image file, prepared as ImageConfig `image` says: (3, size, size). One that cannot be read is
+    a DataError naming it, after `where` (the data file and sample) if given."""
+    try:
+        with Image.open(file) as im:
+            return preprocess_image(im, image.size, image.mean, image.std, image.mode)
+    except OSError as e:
+        raise DataError((f"{where}: " if where else "") + f"cannot read image {file}: {e}") from None
 
 # -----------------------------------------------------------------------------
 # Datasets and batching
@@ -595,10 +599,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         ids, labels = self.tokens_of(i)
         pixel_values = None
         if self.images[i] is not None:
-            try:
-                pixel_values = load_image(self.images[i], self.image)
-            except OSError as e:
-                self._fail(self.ids[i], f"cannot read image {self.images[i]}: {e}")
+            pixel_values = load_image(self.images[i], self.image, where=f"{self.name}: sample {self.ids[i]}")
         return dict(id=self.ids[i], input_ids=torch.tensor(ids), labels=torch.tensor(labels),
                     pixel_values=pixel_values)
 

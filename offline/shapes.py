@@ -166,8 +166,7 @@ def make_shapes(out_dir, n_images=4000, seed=0, size=64, test_frac=0.1):
         instruct.append(dict(id=f"text-{i:05d}", conversations=chat_turns(facts)))
     rng.shuffle(instruct)
     for name, samples in [("captions", captions), ("instruct", instruct), ("test", test)]:
-        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:  # a sample per line: greppable
-            f.write("[\n" + ",\n".join(json.dumps(s) for s in samples) + "\n]\n")
+        write_samples(os.path.join(out_dir, f"{name}.json"), samples)
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(dict(size=size, shapes=SHAPES, colors=COLORS, sizes=SIZES, cells=CELLS,
                        images=meta), f)
@@ -215,11 +214,16 @@ def make_held_out(out_dir, seed=0, n_val=400, n_questions=3):
         chats.append(dict(id=f"chat-{os.path.basename(m['image'])[:-4]}", image=m["image"], types=types,
                           conversations=chat_turns(qas, image=True)))
     for name, samples in [("val", val), ("test_chat", chats)]:
-        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-            f.write("[\n" + ",\n".join(json.dumps(s) for s in samples) + "\n]\n")
+        write_samples(os.path.join(out_dir, f"{name}.json"), samples)
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f)
     return dict(val=len(val), test_chat=len(chats))
+
+
+def write_samples(file, samples):
+    """A JSON list with one sample per line: greppable."""
+    with open(file, "w") as f:
+        f.write("[\n" + ",\n".join(json.dumps(s) for s in samples) + "\n]\n")
 
 
 def chat_turns(qas, image=False):
