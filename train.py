@@ -338,7 +338,8 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
             save_checkpoint(ckpt_file, step + 1, run_id, trainable, optimizer)
     bar.close()
     if master and log:
-        plot_losses(log, os.path.join(cfg.out_dir, "loss.png"))
+        title = os.path.basename(os.path.normpath(cfg.out_dir))
+        plot_losses([(title, log)], os.path.join(cfg.out_dir, "loss.png"))
         last = log[-1]
         print(f"step {last['step']}/{total}: loss {last['loss']:.4f}"
               + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
@@ -445,25 +446,73 @@ def append_jsonl(file, row):
         f.write(json.dumps(row) + "\n")
 
 
-def plot_losses(log, file, width=640, height=360):
-    """Draw the training loss (blue) and the eval loss (orange dots) against the step, with pillow."""
-    m = 50  # margin for the axis labels
-    steps, losses = [r["step"] for r in log], [r["loss"] for r in log]
-    evals = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
-    lo, hi = min(losses + [e for _, e in evals]), max(losses + [e for _, e in evals])
-    hi = hi if hi > lo else lo + 1
-    x = lambda s: m + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (width - 2 * m)  # noqa: E731
-    y = lambda v: height - m - (v - lo) / (hi - lo) * (height - 2 * m)  # noqa: E731
-    image = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(image)
-    d.rectangle((m, m, width - m, height - m), outline=(160, 160, 160))
-    if len(steps) > 1:
-        d.line([(x(s), y(v)) for s, v in zip(steps, losses)], fill=(40, 80, 220), width=2)
-    for s, v in evals:
-        d.ellipse((x(s) - 4, y(v) - 4, x(s) + 4, y(v) + 4), fill=(240, 140, 20))
-    d.text((m, 10), f"loss (blue: train, orange: eval) · last {losses[-1]:.4f}", fill="black")
-    d.text((4, m - 6), f"{hi:.3f}", fill="black")
-    d.text((4, height - m - 6), f"{lo:.3f}", fill="black")
-    d.text((m, height - m + 8), f"step {steps[0]}", fill="black")
-    d.text((width - m - 60, height - m + 8), f"step {steps[-1]}", fill="black")
+def plot_losses(panels, file, width=640, height=360):
+    """Loss curves, one panel per (title, metrics log) side by side, drawn with pillow: the raw training
+    loss faint, a smoothed one over it (a centred moving average over ~5% of the steps), the eval
+    loss as dots, the learning rate grey against the right axis. The loss axis is logarithmic when the
+    smoothed loss spans more than a factor of 20, so the late, small changes stay visible."""
+    image = Image.new("RGB", (width * len(panels), height), "white")
+    for k, (title, log) in enumerate(panels):
+        draw_panel(ImageDraw.Draw(image), log, title, left=k * width, width=width, height=height)
     image.save(file)
+
+
+def draw_panel(d, log, title, left, width, height):
+    ml, mr, mt, mb = 56, 56, 28, 36  # margins: loss ticks left, lr ticks right, title, step ticks
+    steps, losses, lrs = [r["step"] for r in log], [r["loss"] for r in log], [r["lr"] for r in log]
+    evals = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
+    w, n, sums = max(1, len(log) // 40), len(losses), [0.0]  # smoothed: a centred mean over ~5% of the steps
+    for v in losses:
+        sums.append(sums[-1] + v)
+    windows = [(max(0, i - w), min(n, i + w + 1)) for i in range(n)]
+    smooth = [(sums[b] - sums[a]) / (b - a) for a, b in windows]
+    values = [v for v in smooth + [e for _, e in evals] if v > 0] or [1.0]  # raw spikes may leave the axis
+    lo, hi = min(values), max(values)
+    log_scale = hi / lo > 20
+    f = math.log10 if log_scale else (lambda v: v)
+    flo, fhi = f(lo), f(hi) if hi > lo else f(lo) + 1
+    span = max(1, steps[-1] - steps[0])
+
+    def x(step):
+        return left + ml + (step - steps[0]) / span * (width - ml - mr)
+
+    def y(v, a=flo, b=fhi):  # a value between a and b, on the axis
+        return height - mb - (v - a) / ((b - a) or 1) * (height - mt - mb)
+
+    def y_loss(v):  # raw values beyond the axis are drawn at its edge
+        return y(f(min(max(v, lo), hi)))
+
+    d.rectangle((left + ml, mt, left + width - mr, height - mb), outline=(160, 160, 160))
+    if log_scale:  # 1, 2 and 5 times the powers of ten in range
+        decades = range(math.floor(flo), math.ceil(fhi) + 1)
+        ticks = [c * 10.0 ** e for e in decades for c in (1, 2, 5) if lo <= c * 10.0 ** e <= hi]
+    else:
+        ticks = nice_ticks(lo, hi)
+    for t in ticks:
+        d.line((left + ml - 4, y_loss(t), left + ml, y_loss(t)), fill="black")
+        d.text((left + 4, y_loss(t) - 6), f"{t:.3g}", fill="black")
+    for t in nice_ticks(steps[0], steps[-1]):
+        d.line((x(t), height - mb, x(t), height - mb + 4), fill="black")
+        d.text((x(t) - 10, height - mb + 8), f"{t:g}", fill="black")
+    lr_hi = max(lrs) or 1
+    for t in (0, lr_hi / 2, lr_hi):
+        d.text((left + width - mr + 6, y(t, 0, lr_hi) - 6), f"{t:.0e}", fill=(120, 120, 120))
+    if len(steps) > 1:
+        lr_points = [(x(st), y(v, 0, lr_hi)) for st, v in zip(steps, lrs)]
+        d.line(lr_points, fill=(150, 150, 150), width=1)
+        d.line([(x(st), y_loss(v)) for st, v in zip(steps, losses)], fill=(180, 200, 245), width=1)
+        d.line([(x(st), y_loss(v)) for st, v in zip(steps, smooth)], fill=(30, 70, 210), width=2)
+    for st, v in evals:
+        d.ellipse((x(st) - 4, y_loss(v) - 4, x(st) + 4, y_loss(v) + 4), fill=(240, 140, 20))
+    last = f", eval {evals[-1][1]:.4f}" if evals else ""
+    scale = " · log scale" if log_scale else ""
+    d.text((left + ml, 8), f"{title}: loss {smooth[-1]:.4f} (smoothed){last}{scale}", fill="black")
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round values (1, 2 or 5 times a power of ten apart) from lo to hi."""
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    step = min((c * 10 ** math.floor(math.log10(raw)) for c in (1, 2, 5, 10)), key=lambda c: abs(c - raw))
+    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]

@@ -12,6 +12,7 @@ accuracy. Real weights (see the README):
     python train_sft.py --pt runs/pt --data llava_v1_5_mix665k.json --image-folder DIR --template chatml
 """
 
+import json
 import os
 
 import torch
@@ -61,8 +62,14 @@ def main(argv=None):
     model.chat["template"] = args.template
     train_pt.freeze(model, TRAINABLE)
     tokenizer = data.load_tokenizer(model.source_dir)
-    train_pt.run_stage(model, args, tokenizer)
+    log = train_pt.run_stage(model, args, tokenizer)
     if rank == 0:
+        stage1 = os.path.join(args.pt, "metrics.jsonl")
+        if os.path.exists(stage1):  # both stages of the run side by side
+            with open(stage1) as f:
+                panels = [(f"stage 1 ({args.pt})", [json.loads(line) for line in f])]
+            panels.append((f"stage 2 ({args.out_dir})", log))
+            train.plot_losses(panels, os.path.join(args.out_dir, "loss.png"))
         model.save_pretrained(args.out_dir)
         print(f"stage 2: model saved to {args.out_dir}")
         if offline:  # the held-out questions, then the held-out conversations (captions are long)
