@@ -526,8 +526,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         if cache is not None and os.path.exists(cache):
             with np.load(cache) as f:
                 self.tokens, self.trained, self.lengths = f["tokens"], f["trained"], f["lengths"]
-                self.ids, self.skipped = f["ids"].tolist(), f["skipped"].tolist()
-                self.images = [x or None for x in f["images"].tolist()]  # "": no image
+                self.ids, self.images, self.skipped = f["ids"], f["images"], f["skipped"].tolist()
             print(f"{self.name}: {len(self.ids):,} samples, tokenized before ({cache})")
         else:
             self._tokenize(load_samples(path), tokenizer, template, max_len)
@@ -540,12 +539,11 @@ class ConversationDataset(torch.utils.data.Dataset):
             os.makedirs(cache_dir, exist_ok=True)
             tmp = f"{cache}.{os.getpid()}.tmp.npz"  # each process its own: several may write at once
             np.savez(tmp, tokens=self.tokens, trained=self.trained, lengths=self.lengths,
-                     ids=np.array(self.ids), skipped=np.array(self.skipped),
-                     images=np.array([x or "" for x in self.images]))
+                     ids=self.ids, images=self.images, skipped=np.array(self.skipped))
             os.replace(tmp, cache)  # atomic
 
     def _tokenize(self, samples, tokenizer, template, max_len):
-        self.ids, self.images, self.skipped = [], [], []
+        self.skipped, sample_ids, images = [], [], []
         tokens, trained, lengths = [], [], []
         for k in tqdm(range(0, len(samples), self.CHUNK), desc=f"tokenizing {self.name}",
                       disable=len(samples) <= self.CHUNK or not sys.stderr.isatty()):
@@ -560,14 +558,18 @@ class ConversationDataset(torch.utils.data.Dataset):
                 except TooLong:
                     self.skipped.append(str(s["id"]))
                     continue
-                self.ids.append(str(s["id"]))
-                self.images.append(image)
+                sample_ids.append(str(s["id"]))
+                images.append(image or "")
                 tokens.append(np.array(ids, dtype=np.int32))
                 trained.append(np.array(labels) != IGNORE_INDEX)
                 lengths.append(len(ids))
         self.tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
         self.trained = np.concatenate(trained) if trained else np.zeros(0, bool)
         self.lengths = np.array(lengths, dtype=np.int64)  # ids per sample (the image counts as one)
+        # ids and image files as UTF-8 bytes in numpy arrays, not Python strings: forked loader workers
+        # then share them as they are, where reading a Python object would copy its memory page
+        self.ids = np.array([x.encode() for x in sample_ids], dtype=bytes)
+        self.images = np.array([x.encode() for x in images], dtype=bytes)  # b"": no image
 
     def _pieces(self, s, tokenizer, template):
         """(image file or None, conversation_pieces) of a raw sample; a bad one fails, naming it."""
@@ -584,7 +586,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     @property
     def has_image(self):
-        return [image is not None for image in self.images]
+        return [bool(image) for image in self.images]
 
     def __len__(self):
         return len(self.ids)
@@ -598,9 +600,10 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         ids, labels = self.tokens_of(i)
         pixel_values = None
-        if self.images[i] is not None:
-            pixel_values = load_image(self.images[i], self.image, where=f"{self.name}: sample {self.ids[i]}")
-        return dict(id=self.ids[i], input_ids=torch.tensor(ids), labels=torch.tensor(labels),
+        sample_id, image = self.ids[i].decode(), self.images[i].decode()
+        if image:
+            pixel_values = load_image(image, self.image, where=f"{self.name}: sample {sample_id}")
+        return dict(id=sample_id, input_ids=torch.tensor(ids), labels=torch.tensor(labels),
                     pixel_values=pixel_values)
 
 
