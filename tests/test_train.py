@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -43,6 +44,13 @@ from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, InputError, TinyLlava, sh
 
 torch.set_num_threads(1)  # predictable on a shared 2-core CI machine
 QUIET = ["--no-progress"]
+
+
+def free_port():
+    """A TCP port no one listens on now, for a torchrun rendezvous on this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def losses(out_dir):
@@ -212,7 +220,7 @@ def test_ddp_two_processes_match_one(pipeline, tmp_path):
             "--grad-clip", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", "29517", os.path.join(ROOT, "train_pt.py")]
+           "--master-port", free_port(), os.path.join(ROOT, "train_pt.py")]
     for steps in ("1", "4"):  # the second launch resumes both runs from step 1's checkpoint
         extra = ["--max-steps", steps] + (["--resume"] if steps == "4" else [])
         train_pt.main(pt_args(pipeline, one, *args, *extra))
@@ -436,15 +444,23 @@ def test_two_nodes_on_one_machine_match_one_process(pipeline, tmp_path):
     args = ["--epochs", "1", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2"]
     train_pt.main(pt_args(pipeline, one, *args))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launchers = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
-         "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", "29519",
-         os.path.join(ROOT, "train_pt.py"), *pt_args(pipeline, two, *args)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    outputs = [p.communicate(timeout=300) for p in launchers]
-    for p, (out, err) in zip(launchers, outputs):
-        assert p.returncode == 0, err[-3000:]
-    assert "2 process(es)" in outputs[0][0]
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]  # files, not pipes: a full pipe blocks a node
+    launchers, port = [], free_port()
+    try:
+        for rank, log in enumerate(logs):
+            with open(log, "w") as f:
+                launchers.append(subprocess.Popen(
+                    [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+                     "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+                     os.path.join(ROOT, "train_pt.py"), *pt_args(pipeline, two, *args)],
+                    cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+        codes = [p.wait(timeout=300) for p in launchers]
+    finally:  # a failed or hung launch leaves no process behind
+        for p in launchers:
+            p.kill()
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "2 process(es)" in outputs[0]
     l1, l2 = [r["loss"] for r in losses(one)], [r["loss"] for r in losses(two)]
     assert len(l1) == len(l2) == 2 and l1 == pytest.approx(l2, rel=1e-5)
 
