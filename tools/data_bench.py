@@ -21,11 +21,11 @@ from functools import partial
 
 import torch
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import data
 import train
 import train_pt
+from offline import standins
 from tinyllava import LanguageModel, LMConfig, TinyLlava, VisionConfig, VisionTower, command_line
 
 WORDS = ("the a of in on with and is are there what where how many color shape left right top "
@@ -68,19 +68,9 @@ def make_data(folder, n_samples, n_images, seed=0):
 
 
 def make_tokenizer(folder):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    """A byte-level BPE over the bench's words and chatml's, as the offline stand-in's is made."""
     text = [" ".join(WORDS), "system user assistant You are a helpful assistant."] * 100
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=special, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(text, trainer)
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        f.write('{"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", '
-                '"add_bos_token": false}')
-    return data.load_tokenizer(folder)
+    return standins.train_tokenizer(text, folder, vocab_size=1000)
 
 
 def rss_mb():
