@@ -4,6 +4,8 @@ Talk to a trained tinyllava, or score it: the layer above the model (tinyllava.p
     python chat.py chat --model runs/sft --image data/shapes/images/03600.png [--prompt TEXT]
     python chat.py eval --model runs/sft --data data/shapes/test.json [--out answers.jsonl]
 
+--model is stage 2's checkpoint (runs/sft) or stage 1's output (runs/pt: the captioner it made).
+
 The prompt is built by data.py's template code, the very code that built the training data, and the
 image is prepared with the settings the model was trained with (its config.json's `tinyllava_chat`).
 """
@@ -13,16 +15,40 @@ import json
 import os
 
 import torch
+from safetensors.torch import load_file
 
 import data
-from tinyllava import InputError, TinyLlava, command_line
+from tinyllava import InputError, TinyLlava, command_line, load_weights, read_config
+
+PROJECTOR_FILE = "projector.safetensors"  # stage 1's result, beside a config.json naming its parts
+
+
+def load_stage1(path, device=None):
+    """A TinyLlava rebuilt from stage 1's output (train_pt.py): the vision tower and LLM it names,
+    the trained projector (loaded strictly: every projector weight must be in the file)."""
+    d = read_config(path)
+    sources = d.get("tinyllava_sources") or {}
+    if not {"vision", "llm"} <= sources.keys():
+        raise InputError(f"{path}/config.json does not name the vision and LLM checkpoints "
+                         "(tinyllava_sources): is it train_pt.py's output?")
+    model = TinyLlava.from_parts(sources["vision"], sources["llm"], d["projector_type"],
+                                 device=device)
+    tensors = load_file(os.path.join(path, PROJECTOR_FILE), device=str(device or "cpu"))
+    load_weights(model.multi_modal_projector, tensors, path,
+                 key_map=lambda k: k.removeprefix("multi_modal_projector."), device=device)
+    model.chat = dict(d.get("tinyllava_chat") or {})
+    return model
 
 
 def load_for_inference(path, device=None, template=None):
-    """(model, tokenizer, data.ChatConfig) from a checkpoint written by train_sft.py. Another LLaVA
-    checkpoint works given a template; its images follow its preprocessor_config.json, padded."""
-    model = TinyLlava.from_pretrained(path, device=device).eval()
-    tokenizer = data.load_tokenizer(path)
+    """(model, tokenizer, data.ChatConfig) from a checkpoint written by train_sft.py, or from stage
+    1's output (its projector with the parts it names). Another LLaVA checkpoint works given a
+    template; its images follow its preprocessor_config.json, padded."""
+    if os.path.exists(os.path.join(path, PROJECTOR_FILE)):
+        model = load_stage1(path, device).eval()
+    else:
+        model = TinyLlava.from_pretrained(path, device=device).eval()
+    tokenizer = data.load_tokenizer(model.source_dir)
     settings = dict(model.chat)
     settings["template"] = template or settings.get("template")
     if settings["template"] is None:

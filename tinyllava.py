@@ -304,6 +304,8 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv * self.hs, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(D, self.n_kv * self.hs, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_head * self.hs, D, bias=cfg.o_proj_bias)
+        # set by explain.py: attend explicitly and keep the weights (B, nh, T, S) in .attention
+        self.keep_attention, self.attention = False, None
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
@@ -317,11 +319,29 @@ class LlamaAttention(nn.Module):
         # GQA: each group of nh / n_kv query heads shares one key/value head. `mask` is a tensor,
         # "causal" or None (one new token sees the whole cache); never both: some SDPA backends fail
         gqa = n_kv != nh
-        if isinstance(mask, torch.Tensor):
+        if self.keep_attention:
+            y, self.attention = explicit_attention(q, k, v, mask)
+        elif isinstance(mask, torch.Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal", enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hs))
+
+
+def explicit_attention(q, k, v, mask):
+    """What SDPA computes, spelled out, with the weights it does not return: softmax(q k^T / sqrt(hs))
+    over the keys a query may see, times v. q (B, nh, T, hs), k and v (B, n_kv, S, hs), mask as
+    LlamaAttention takes it -> (B, nh, T, hs) and the weights (B, nh, T, S), each row summing to 1."""
+    T, S, hs = q.size(2), k.size(2), q.size(3)
+    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, nh, S, hs): a kv head per group
+    v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    scores = (q @ k.transpose(-2, -1)).float() / hs**0.5  # (B, nh, T, S)
+    if mask == "causal":  # SDPA's is_causal: query t sees keys 0..t (used only when T == S)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if isinstance(mask, torch.Tensor):
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(-1)
+    return weights.to(v.dtype) @ v, weights
 
 
 class LlamaMLP(nn.Module):

@@ -47,7 +47,6 @@ RECIPE = dict(lr=1e-3, weight_decay=0.0, warmup=0.03, epochs=1, batch_size=256, 
 # offline: 3,500 captions is ~1/160 of LLaVA's 558k, so several epochs with a smaller batch (more
 # steps) and a higher lr, chosen on the held-out caption loss (docs/results.md)
 OFFLINE = dict(RECIPE, lr=1e-2, epochs=6, batch_size=32, eval_every=100)
-PROJECTOR_FILE = "projector.safetensors"
 
 
 def main(argv=None):
@@ -223,7 +222,7 @@ def save_projector(model, path):
     write_json(os.path.join(path, "config.json"), model.config)
     state = state_dict_for_save(model)
     tensors = {k: v for k, v in state.items() if k.startswith("multi_modal_projector.")}
-    save_safetensors(tensors, os.path.join(path, PROJECTOR_FILE))
+    save_safetensors(tensors, os.path.join(path, chat.PROJECTOR_FILE))
 
 
 if __name__ == "__main__":

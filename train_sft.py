@@ -16,14 +16,13 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file
 
 import chat
 import data
 import train
 import train_pt
 from offline import standins
-from tinyllava import InputError, TinyLlava, command_line, load_weights, read_config
+from tinyllava import command_line
 
 TRAINABLE = ("projector", "llm")  # frozen: vision
 # LLaVA-1.5's stage 2: lr 2e-5, no weight decay, warmup 3%, cosine, 1 epoch, batch 128, batches
@@ -58,7 +57,7 @@ def main(argv=None):
 
     rank, _, device = train.init_distributed()
     torch.manual_seed(args.seed)
-    model = load_stage1(args.pt, device)
+    model = chat.load_stage1(args.pt, device)
     model.chat["template"] = args.template
     train_pt.freeze(model, TRAINABLE)
     tokenizer = data.load_tokenizer(model.source_dir)
@@ -76,23 +75,6 @@ def main(argv=None):
             chat.evaluate(args.out_dir, os.path.join(standins.DATA_DIR, "test.json"), device=device)
             chat.evaluate(args.out_dir, os.path.join(standins.DATA_DIR, "test_chat.json"), device=device,
                           out=os.path.join(args.out_dir, "answers_chat.jsonl"), max_new_tokens=64)
-    return model
-
-
-def load_stage1(path, device=None):
-    """A TinyLlava rebuilt from stage 1's output: the same vision tower and LLM, the trained
-    projector (loaded strictly: every projector weight must be in the file)."""
-    d = read_config(path)
-    sources = d.get("tinyllava_sources") or {}
-    if not {"vision", "llm"} <= sources.keys():
-        raise InputError(f"{path}/config.json does not name the vision and LLM checkpoints "
-                         "(tinyllava_sources): is it train_pt.py's output?")
-    model = TinyLlava.from_parts(sources["vision"], sources["llm"], d["projector_type"],
-                                 device=device)
-    tensors = load_file(os.path.join(path, train_pt.PROJECTOR_FILE), device=str(device or "cpu"))
-    load_weights(model.multi_modal_projector, tensors, path,
-                 key_map=lambda k: k.removeprefix("multi_modal_projector."), device=device)
-    model.chat = dict(d.get("tinyllava_chat") or {})
     return model
 
 

@@ -12,7 +12,7 @@ passes. Everything runs on a CPU in seconds, on tiny random models built directl
 
 This file is the command line. The checks live in exercises/checks/: framework.py (the registry,
 the Checker, the runner), toy.py (the tiny models and data) and one module per exercise,
-c01_shifted_loss.py to c10_lora.py.
+c01_shifted_loss.py to c11_seeing_inside.py.
 """
 
 import argparse

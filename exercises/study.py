@@ -89,7 +89,7 @@ def build(variant, args, device):
                                      device=device)
         model.chat = dict(pt["tinyllava_chat"])
     else:
-        model = train_sft.load_stage1(args.pt, device)
+        model = chat.load_stage1(args.pt, device)
     model.chat["template"] = train_sft.OFFLINE_TEMPLATE
     if variant == "lora":
         train_pt.freeze(model, ("projector",))

@@ -87,6 +87,14 @@ def splice_keeping_placeholder(input_ids, image_features, embed_tokens, attentio
     return e, torch.ones(e.shape[:2], dtype=torch.long), labels
 
 
+def nearest_by_dot_product(tokens, vocab, k):
+    return (tokens @ vocab.T).topk(k, dim=-1)
+
+
+def nearest_by_distance(tokens, vocab, k):
+    return (-torch.cdist(tokens, vocab.expand(tokens.size(0), -1, -1))).topk(k, dim=-1)
+
+
 @pytest.mark.parametrize("number,fn,hint", [
     (1, loss_without_shift, "WITHOUT the shift"),
     (3, splice_keeping_placeholder, "the -200 placeholder itself must disappear"),
@@ -96,6 +104,8 @@ def splice_keeping_placeholder(input_ids, image_features, embed_tokens, attentio
     (6, cache_with_top_left_mask, "the new queries are the LAST T positions"),
     (7, pad_with_black, "pad with the MEAN colour"),
     (8, pool_consecutive, "you averaged 4 CONSECUTIVE tokens"),
+    (11, nearest_by_dot_product, "a raw dot product favours long rows"),
+    (11, nearest_by_distance, "cosine, not euclidean distance"),
 ])
 def test_mistake_gets_its_hint(number, fn, hint, capsys):
     assert not check.run_one(check.EXERCISES[number], fn=fn)

@@ -186,6 +186,36 @@ def test_cached_decoding_equals_full_forward(tmp_path):
     assert (cached - full)[real].abs().max() <= TOL
 
 
+def test_explicit_attention_equals_sdpa(tmp_path):
+    """explain.py's path (attention computed explicitly, weights kept) gives SDPA's logits: causal, left
+    padding, GQA, and one cached step; its weight rows are distributions over the visible keys only."""
+    path = save(randomize(LlamaForCausalLM(llama_config())), tmp_path / "lm")
+    lm = tl.LanguageModel.from_pretrained(path).eval()
+    attns = [layer.self_attn for layer in lm.model.layers]
+    ids = torch.randint(0, TEXT["vocab_size"], (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on one row
+
+    def run(explicit):
+        for a in attns:
+            a.keep_attention = explicit
+        with torch.no_grad():
+            out = [lm(ids[:1]), lm(ids, attention_mask=mask)]  # "causal", then a padding mask
+            cache = tl.KVCache(lm.config, 2, 10, "cpu", torch.float32)
+            lm(ids[:, :9], attention_mask=mask[:, :9], cache=cache)
+            out.append(lm(ids[:, 9:], attention_mask=mask, cache=cache))  # one new token over the cache
+        return out, [a.attention for a in attns]
+
+    sdpa, _ = run(False)
+    explicit, weights = run(True)
+    for a, b in zip(sdpa, explicit):
+        assert (a - b).abs().max() <= TOL
+    w = weights[0]  # the last call's: (2, nh, 1, 10)
+    assert w.shape == (2, lm.config.num_attention_heads, 1, 10)
+    assert torch.allclose(w.sum(-1), torch.ones(w.shape[:-1]), atol=1e-6)
+    assert w[1, :, :, :3].abs().max() == 0  # no weight on the padding
+
+
 # --- LLaVA -------------------------------------------------------------------
 
 

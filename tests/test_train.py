@@ -33,19 +33,17 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from conftest import pt_args  # noqa: E402
+
 import chat  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 import train_pt  # noqa: E402
-import train_sft  # noqa: E402
 from chat import evaluate  # noqa: E402
-from offline import shapes, standins  # noqa: E402
+from offline import standins  # noqa: E402
 from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, InputError, TinyLlava, shifted_cross_entropy  # noqa: E402
 
 torch.set_num_threads(1)  # predictable on a shared 2-core CI machine
-QUIET = ["--no-progress"]
-
-
 def free_port():
     """A TCP port no one listens on now, for a torchrun rendezvous on this machine."""
     with socket.socket() as s:
@@ -56,36 +54,6 @@ def free_port():
 def losses(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
-
-
-def pt_args(p, out_dir, *extra):
-    return ["--vision", p["vision"], "--llm", p["llm"],
-            "--data", os.path.join(p["shapes"], "captions.json"), "--out-dir", out_dir,
-            "--lr", "3e-3", "--batch-size", "16", "--micro-batch-size", "16",
-            "--cache-dir", os.path.join(p["root"], "cache"), *QUIET, *extra]
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """Stage 0 (stand-ins), stage 1 and stage 2 on 400 shapes images: small (about a minute), but
-    every real code path, and enough training that the answers beat a blind guess (the LLM stand-in
-    gets 1,000 steps)."""
-    root = str(tmp_path_factory.mktemp("pipeline"))
-    shapes_dir = os.path.join(root, "shapes")
-    shapes.make_shapes(shapes_dir, n_images=400, size=standins.IMAGE_SIZE)
-    cpu = torch.device("cpu")
-    vision, _ = standins.train_vision(shapes_dir, root, cpu, epochs=20, batch_size=32,
-                                      micro_batch_size=32, progress=False)
-    llm = standins.train_llm(shapes_dir, root, cpu, n_docs=8000, progress=False)
-    p = dict(root=root, shapes=shapes_dir, vision=vision, llm=llm, pt=os.path.join(root, "pt"),
-             sft=os.path.join(root, "sft"))
-    p["pt_model"] = train_pt.main(pt_args(p, p["pt"], "--epochs", "6", "--lr", "1e-2"))
-    sft_args = ["--pt", p["pt"], "--data", os.path.join(shapes_dir, "instruct.json"),
-                "--template", "chatml", "--out-dir", p["sft"], "--epochs", "4", "--lr", "1e-3",
-                "--batch-size", "16", "--micro-batch-size", "16", "--cache-dir", os.path.join(root, "cache"),
-                *QUIET]
-    p["sft_model"] = train_sft.main(sft_args)
-    return p
 
 
 def test_standins_are_hf_checkpoints(pipeline):
@@ -124,13 +92,13 @@ def test_frozen_parameters_are_bit_identical(pipeline):
     sft = TinyLlava.from_pretrained(pipeline["sft"])  # stage 2 froze the vision tower only
     assert same(sft.vision_tower, vision, "vision_model.")
     assert not same(sft.language_model, llm)
-    projector = load_file(os.path.join(pipeline["pt"], train_pt.PROJECTOR_FILE))
+    projector = load_file(os.path.join(pipeline["pt"], chat.PROJECTOR_FILE))
     assert not same(sft.multi_modal_projector, projector, "multi_modal_projector.")
 
 
 def test_stage2_starts_from_the_stage1_projector(pipeline):
-    projector = load_file(os.path.join(pipeline["pt"], train_pt.PROJECTOR_FILE))
-    model = train_sft.load_stage1(pipeline["pt"])
+    projector = load_file(os.path.join(pipeline["pt"], chat.PROJECTOR_FILE))
+    model = chat.load_stage1(pipeline["pt"])
     for n, p in model.multi_modal_projector.named_parameters():
         assert torch.equal(p, projector["multi_modal_projector." + n])
     torch.manual_seed(0)
@@ -202,7 +170,7 @@ def test_resume_after_kill_equals_uninterrupted_run(pipeline, tmp_path):
     keys = ("step", "loss", "lr", "grad_norm", "eval_loss")
     assert ([{k: r.get(k) for k in keys} for r in losses(a)]
             == [{k: r.get(k) for k in keys} for r in losses(b)])
-    pa, pb = (load_file(os.path.join(d, train_pt.PROJECTOR_FILE)) for d in (a, b))
+    pa, pb = (load_file(os.path.join(d, chat.PROJECTOR_FILE)) for d in (a, b))
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 

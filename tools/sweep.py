@@ -4,6 +4,7 @@ data order?
 
     python -m tools.sweep                    # seeds 0-4, one after the other (minutes each)
     python -m tools.sweep --seeds 0 1 --out-dir runs/sweep
+    python -m tools.sweep --split val        # the table on the validation split: choose recipes here
 
 Each seed runs `train_pt.py --seed S` then `train_sft.py --seed S` (stage 0's stand-ins, stage 1 and
 stage 2 all drawn from that seed; the shapes data set and its held-out questions are the same for
@@ -12,6 +13,11 @@ questions with the scene given as soft words: what a perfect projector would rea
 exact match overall and per question type, the held-out conversations' exact match overall and per
 turn (test_chat.json, each turn after the model's own earlier answers), and the wall time; then the
 minimum and median over the seeds. The table is also written to OUT_DIR/sweep.json.
+
+--split val scores the validation split instead (val.json, 400 other images, one question each, and
+the stand-in's reading accuracy on it): a recipe change is chosen there, and the test table is
+looked at once, for the recipe chosen. train_sft.py still answers the test files after training (as
+the offline pipeline always does); --split val only reads the validation answers.
 """
 
 import argparse
@@ -27,8 +33,8 @@ from tinyllava import InputError, command_line
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_seed(seed, out_dir):
-    """Run the pipeline for one seed; returns its row."""
+def run_seed(seed, out_dir, split="test"):
+    """Run the pipeline for one seed; returns its row, scored on `split`."""
     pt = os.path.join(out_dir, f"seed{seed}", "pt")
     sft = os.path.join(out_dir, f"seed{seed}", "sft")
     steps = [["train_pt.py", "--seed", str(seed), "--out-dir", pt, "--no-progress"],
@@ -43,11 +49,18 @@ def run_seed(seed, out_dir):
         if result.returncode:
             raise InputError(f"seed {seed}: {step[0]} failed (exit {result.returncode}); see {log}")
     seconds = time.time() - t0
+    with open(os.path.join(read_sources(pt)["llm"], "reading.json")) as f:
+        reading = json.load(f)
+    if split == "val":
+        answers = os.path.join(sft, "answers_val.jsonl")
+        data_file = os.path.join(ROOT, "data", "shapes", "val.json")
+        subprocess.run([sys.executable, "chat.py", "eval", "--model", sft, "--data", data_file,
+                        "--out", answers], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        return dict(seed=seed, reading=reading["val_reading_accuracy"], accuracy=exact_match(answers, "type"),
+                    seconds=round(seconds))
     accuracy = exact_match(os.path.join(sft, "answers.jsonl"), "type")
     conversation = exact_match(os.path.join(sft, "answers_chat.jsonl"), "turn")
-    with open(os.path.join(read_sources(pt)["llm"], "reading.json")) as f:
-        reading = json.load(f)["reading_accuracy"]
-    return dict(seed=seed, reading=reading, accuracy=accuracy, conversation=conversation,
+    return dict(seed=seed, reading=reading["reading_accuracy"], accuracy=accuracy, conversation=conversation,
                 seconds=round(seconds))
 
 
@@ -72,7 +85,7 @@ def print_table(rows):
     columns = {"reading": lambda r: r["reading"]}
     columns.update({t: lambda r, t=t: r["accuracy"][t] for t in rows[0]["accuracy"]})
     columns.update({("chat " + t if t == "all" else t): lambda r, t=t: r["conversation"][t]
-                    for t in rows[0]["conversation"]})
+                    for t in rows[0].get("conversation", {})})
     print("seed   " + " ".join(f"{name:>8}" for name in columns) + "    time")
     lines = [(str(r["seed"]), [get(r) for get in columns.values()], r["seconds"]) for r in rows]
     for name, fn in (("min", min), ("median", statistics.median)):
@@ -87,16 +100,19 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out-dir", default="runs/sweep")
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="the held-out split the table scores (choose recipes on val)")
     args = parser.parse_args(argv)
     args.out_dir = os.path.abspath(args.out_dir)  # the stages run from the repository root
     rows = []
     for seed in args.seeds:
-        rows.append(run_seed(seed, args.out_dir))
+        rows.append(run_seed(seed, args.out_dir, args.split))
         row = rows[-1]
-        print(f"seed {seed}: exact match {row['accuracy']['all']:.1%} in {row['seconds']} s",
+        print(f"seed {seed}: {args.split} exact match {row['accuracy']['all']:.1%} in {row['seconds']} s",
               flush=True)
     print_table(rows)
-    with open(os.path.join(args.out_dir, "sweep.json"), "w") as f:
+    name = "sweep.json" if args.split == "test" else f"sweep_{args.split}.json"
+    with open(os.path.join(args.out_dir, name), "w") as f:
         json.dump(rows, f, indent=2)
 
 

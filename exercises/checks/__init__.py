@@ -2,7 +2,7 @@
 
     framework.py         the registry (@exercise), the Checker (check / close / show), the runner
     toy.py               the tiny TinyLlava, the toy batch and the training loop the checks use
-    c01_shifted_loss.py  exercise 1's check and the helpers only it uses; likewise c02_ ... c10_
+    c01_shifted_loss.py  exercise 1's check and the helpers only it uses; likewise c02_ ... c11_
 
 Importing an exercise's module registers its check in EXERCISES; this package imports them all.
 """
@@ -24,4 +24,5 @@ from . import (  # noqa: E402, F401
     c08_pooled_projector,
     c09_skip_stage1,
     c10_lora,
+    c11_seeing_inside,
 )
