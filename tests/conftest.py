@@ -14,6 +14,7 @@ import train_pt  # noqa: E402
 import train_sft  # noqa: E402
 from offline import shapes, standins  # noqa: E402
 
+torch.set_num_threads(1)  # predictable on a shared 2-core CI machine, whichever test file runs first
 QUIET = ["--no-progress"]
 
 
