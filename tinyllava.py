@@ -695,14 +695,89 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 
 
 def parameter_table(model):
+    """part / parameters / trainable, one row per part (and the LLM's LoRA adapters, if any)."""
     rows = [("part", "parameters", "trainable")]
     for name, part in (("vision", model.vision_tower), ("projector", model.multi_modal_projector),
                        ("llm", model.language_model)):
         params = list(part.parameters())
         rows.append((name, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)))
-    rows.append(("total", sum(r[1] for r in rows[1:]), sum(r[2] for r in rows[1:])))
-    return "\n".join(f"{a:<10} {b:>14,} {c:>14,}" if i else f"{a:<10} {b:>14} {c:>14}"
+    total = ("total", sum(r[1] for r in rows[1:]), sum(r[2] for r in rows[1:]))
+    adapters = [p for m in model.language_model.modules() if isinstance(m, LoRALinear)
+                for p in (m.lora_A, m.lora_B)]
+    if adapters:  # counted in the llm row too
+        rows.append(("  of which LoRA", sum(p.numel() for p in adapters),
+                     sum(p.numel() for p in adapters if p.requires_grad)))
+    rows.append(total)
+    return "\n".join(f"{a:<16} {b:>14,} {c:>14,}" if i else f"{a:<16} {b:>14} {c:>14}"
                      for i, (a, b, c) in enumerate(rows))
+
+# -----------------------------------------------------------------------------
+# LoRA: a trainable low-rank update beside frozen weights (Hu et al. 2021)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    """base(x) + (alpha / r) * B(A(dropout(x))): a frozen nn.Linear and a rank-r update. B starts at 0,
+    so training starts from exactly the pretrained model; merged() folds B A into the weight."""
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__()
+        self.base, self.scale = base, alpha / r
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)  # as nn.Linear initialises a weight (peft too)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.base(x) + self.scale * (self.dropout(x) @ self.lora_A.T @ self.lora_B.T)
+
+    def merged(self):
+        """An nn.Linear equal to this layer (in eval): W + scale * B @ A, in the weight's dtype."""
+        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                           device=self.base.weight.device, dtype=self.base.weight.dtype)
+        with torch.no_grad():
+            delta = self.lora_B.float() @ self.lora_A.float() * self.scale  # (out, in)
+            linear.weight.copy_(self.base.weight.float() + delta)
+            if self.base.bias is not None:
+                linear.bias.copy_(self.base.bias)
+        linear.requires_grad_(self.base.weight.requires_grad)
+        return linear
+
+
+def add_lora(language_model, r, alpha, dropout=0.0, targets=LORA_TARGETS):
+    """Freeze language_model and wrap each decoder projection named in targets (q_proj, ... down_proj)
+    in a LoRALinear; returns the adapters' parameters, the only trainable ones in it."""
+    unknown = set(targets) - set(LORA_TARGETS)
+    if unknown or r < 1:
+        raise InputError(f"LoRA rank {r}, targets {sorted(targets)}: the rank must be at least 1 and "
+                         f"the targets among {', '.join(LORA_TARGETS)}")
+    language_model.requires_grad_(False)
+    params = []
+    for layer in language_model.model.layers:
+        for block in (layer.self_attn, layer.mlp):
+            for name in targets:
+                if isinstance(getattr(block, name, None), nn.Linear):
+                    lora = LoRALinear(getattr(block, name), r, alpha, dropout).train(language_model.training)
+                    setattr(block, name, lora)
+                    params += [lora.lora_A, lora.lora_B]
+    return params
+
+
+def lora_state(module):
+    """The adapters alone: {module path + ".lora_A" / ".lora_B": tensor}, e.g. for a small file."""
+    return {f"{n}.{k}": getattr(m, k).detach() for n, m in module.named_modules() if isinstance(m, LoRALinear)
+            for k in ("lora_A", "lora_B")}
+
+
+def merge_lora(module):
+    """Replace every LoRALinear in module by its merged nn.Linear, in place: an ordinary model again,
+    whose checkpoint any Llama / LLaVA loader reads."""
+    for name, m in list(module.named_modules()):
+        if isinstance(m, LoRALinear):
+            parent, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent), attr, m.merged())
+    return module
 
 
 # -----------------------------------------------------------------------------
@@ -903,6 +978,9 @@ def build_on_meta(cls, cfg):
 
 def state_dict_for_save(model):
     """The model's tensors without duplicates (a tied lm_head once, as transformers stores it)."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise InputError("the model has LoRA adapters: merge_lora(model) first (an ordinary checkpoint), "
+                         "or save lora_state(model) (the adapters alone)")
     return {k: p.detach().contiguous() for k, p in model.named_parameters()}
 
 

@@ -35,6 +35,8 @@ from tinyllava import InputError
 class TrainConfig:
     out_dir: str = "runs/out"  # checkpoint.pt, metrics.jsonl and loss.png are written here
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
+    # other peak lrs by parameter-name prefix, e.g. {"multi_modal_projector.": 2e-5}; same schedule
+    part_lrs: dict | None = None
     epochs: float = 1.0  # passes over the training set (fractions allowed)
     # global batch: samples per optimizer step, over all processes and micro-batches
     batch_size: int = 32
@@ -134,25 +136,38 @@ def to_device(batch, device):
 # Optimizer, schedule, data order
 
 
-def make_optimizer(model, lr, weight_decay, beta2, device):
+def make_optimizer(model, lr, weight_decay, beta2, device, part_lrs=None):
     """AdamW over the trainable parameters. Decay only matrices (weights of linear layers,
-    embeddings): decaying biases and norm gains towards 0 only hurts, as in nanoGPT and LLaVA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    embeddings): decaying biases and norm gains towards 0 only hurts, as in nanoGPT and LLaVA. A
+    parameter whose name starts with a prefix of part_lrs gets that peak lr (its group's "peak_lr"),
+    the others lr."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise InputError("nothing to train: no parameter has requires_grad=True")
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    part_lrs = part_lrs or {}
+
+    def peak(name):
+        return next((v for prefix, v in part_lrs.items() if name.startswith(prefix)), lr)
+
+    groups = []
+    for peak_lr in dict.fromkeys([lr, *part_lrs.values()]):  # each lr once, in order
+        for decay in (True, False):
+            params = [p for n, p in named if peak(n) == peak_lr and (p.dim() >= 2) == decay]
+            if params:
+                groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                               "peak_lr": peak_lr, "lr": peak_lr})
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=device.type == "cuda")
 
 
-def lr_at(step, total, cfg):
-    """Linear warmup from 0 to lr over warmup*total steps, then cosine decay to min_lr*lr
-    (step is 0-based)."""
+def lr_at(step, total, cfg, peak=None):
+    """Linear warmup from 0 to the peak lr (default cfg.lr) over warmup*total steps, then cosine decay
+    to min_lr times it (step is 0-based)."""
+    peak = cfg.lr if peak is None else peak
     warm = math.ceil(cfg.warmup * total)
     if step < warm:
-        return cfg.lr * (step + 1) / warm
+        return peak * (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
-    return cfg.lr * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 GROUP_BATCHES = 50  # batches per window sorted by length (epoch_batches)
@@ -267,12 +282,13 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
                          f"{cfg.batch_size}")
     total = max(1, round(cfg.epochs * steps_per_epoch))
     trainable = {n: p for n, p in raw.named_parameters() if p.requires_grad}
-    optimizer = make_optimizer(raw, cfg.lr, cfg.weight_decay, cfg.beta2, device)
+    optimizer = make_optimizer(raw, cfg.lr, cfg.weight_decay, cfg.beta2, device, cfg.part_lrs)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_file = os.path.join(cfg.out_dir, "checkpoint.pt")
     log_file = os.path.join(cfg.out_dir, "metrics.jsonl")
     run_id = dict(total=total, batch_size=cfg.batch_size, seed=cfg.seed, n=len(train_set),
-                  params=sorted(trainable), grouped=lengths is not None)
+                  params=sorted(trainable), grouped=lengths is not None,
+                  lrs=[g["peak_lr"] for g in optimizer.param_groups])
     start, log = 0, []
     if cfg.resume:
         start, log = resume(ckpt_file, log_file, run_id=run_id, trainable=trainable,
@@ -298,9 +314,10 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
 
     if master:
         n_params = sum(p.numel() for p in trainable.values())
+        others = "".join(f", {prefix}* at {v:g}" for prefix, v in (cfg.part_lrs or {}).items())
         print(f"training {n_params:,} parameters: {total} steps of "
               f"{cfg.batch_size} samples ({steps_per_epoch} steps/epoch), {world} process(es), "
-              f"{'bf16' if bf16 else 'fp32'} on {device.type}")
+              f"{'bf16' if bf16 else 'fp32'} on {device.type}, peak lr {cfg.lr:g}{others}")
     bar = tqdm(range(start, stop), initial=start, total=total,
                disable=not (master and cfg.progress), dynamic_ncols=True)
     model.train()
@@ -308,8 +325,8 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
     for step in bar:
         t0 = time.time()
         lr = lr_at(step, total, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group in optimizer.param_groups:  # every part on the same schedule, at its own peak
+            group["lr"] = lr_at(step, total, cfg, group["peak_lr"])
         micro = [to_device(next_batch(batches), device) for _ in range(sampler.per_step)]
         waited = time.time() - t0  # for data: ~0 when the workers keep ahead of the loop
         loss, n_tokens = backward(model, micro, loss_fn=loss_fn, autocast=autocast, world=world)

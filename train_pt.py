@@ -32,6 +32,7 @@ from tinyllava import (
     IGNORE_INDEX,
     InputError,
     TinyLlava,
+    add_lora,
     command_line,
     parameter_table,
     save_safetensors,
@@ -102,9 +103,10 @@ def show_captions(model, tokenizer, test_file, n=6):
 # What both LLaVA stages share: freezing, the loss, the data sets, the command line
 
 
-def freeze(model, trainable_parts):
+def freeze(model, trainable_parts, lora=None):
     """requires_grad=True exactly for the named parts of a TinyLlava ("vision", "projector", "llm"),
-    then print the table that shows it."""
+    then print the table that shows it. lora: tinyllava.add_lora's settings (r, alpha, dropout,
+    targets), to train LoRA adapters beside the frozen LLM instead of the LLM itself."""
     parts = {"vision": model.vision_tower, "projector": model.multi_modal_projector,
              "llm": model.language_model}
     unknown = set(trainable_parts) - parts.keys()
@@ -112,6 +114,8 @@ def freeze(model, trainable_parts):
         raise InputError(f"unknown parts {sorted(unknown)}; parts are {sorted(parts)}")
     for name, part in parts.items():
         part.requires_grad_(name in trainable_parts)
+    if lora:
+        add_lora(model.language_model, **lora)
     print(parameter_table(model))
 
 

@@ -216,6 +216,34 @@ def test_explicit_attention_equals_sdpa(tmp_path):
     assert w[1, :, :, :3].abs().max() == 0  # no weight on the padding
 
 
+def test_lora_starts_from_the_model_and_merges_exactly(tmp_path):
+    """A LoRA'd LLM equals the base at first (B = 0); after its adapters move, merging them gives the
+    same logits, and the merged checkpoint loads in transformers with those logits too. A model
+    with adapters refuses to be saved unmerged."""
+    path = save(randomize(LlamaForCausalLM(llama_config())), tmp_path / "lm")
+    lm = tl.LanguageModel.from_pretrained(path).eval()
+    ids = torch.randint(0, TEXT["vocab_size"], (2, 9))
+    with torch.no_grad():
+        base = lm(ids)
+        params = tl.add_lora(lm, r=4, alpha=8, dropout=0.1)
+        assert (lm(ids) - base).abs().max() == 0  # B = 0, dropout off in eval
+        assert all(p.requires_grad for p in params)
+        assert not any(p.requires_grad for n, p in lm.named_parameters() if "lora_" not in n)
+        assert len(params) == 2 * len(tl.LORA_TARGETS) * len(lm.model.layers)
+        for p in params:
+            p.copy_(torch.randn_like(p) * 0.1)
+        adapted = lm(ids)
+        assert (adapted - base).abs().max() > 1e-2
+        with pytest.raises(tl.InputError, match="merge_lora"):
+            lm.save_pretrained(tmp_path / "unmerged")
+        tl.merge_lora(lm)
+        assert not any(isinstance(m, tl.LoRALinear) for m in lm.modules())
+        assert (lm(ids) - adapted).abs().max() <= TOL
+        lm.save_pretrained(tmp_path / "merged")
+        ref = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        assert (ref(ids).logits - adapted).abs().max() <= TOL
+
+
 # --- LLaVA -------------------------------------------------------------------
 
 

@@ -1,0 +1,106 @@
+"""Stage 2 the way users run it on small GPUs, on the small pipeline (tests/conftest.py).
+
+Proves: with --lora-r only the adapters and the projector train (the checkpoint holds nothing else), the
+LLM's weights stay bit-identical, the saved model is the base plus exactly scale * B @ A (the adapters
+are also saved alone), it loads in tinyllava and in transformers with equal logits, and a killed LoRA
+run resumes bit-identically; --projector-lr and --vision-lr reach the optimizer's groups; --train-vision
+trains the vision tower (the default run leaves it bit-identical, tests/test_train.py).
+
+Run: python -m pytest -q tests/test_stage2.py
+"""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from conftest import QUIET  # noqa: E402
+
+import train_sft  # noqa: E402
+from tinyllava import TinyLlava  # noqa: E402
+
+
+def sft_args(p, out_dir, *extra):
+    return ["--pt", p["pt"], "--data", os.path.join(p["shapes"], "instruct.json"), "--template", "chatml",
+            "--out-dir", out_dir, "--lr", "3e-3", "--epochs", "1", "--batch-size", "16",
+            "--micro-batch-size", "16", "--cache-dir", os.path.join(p["root"], "cache"), *QUIET, *extra]
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_lora_trains_adapters_only_and_saves_a_merged_model(pipeline, tmp_path, capsys):
+    out = str(tmp_path / "lora")
+    targets = ["--lora-targets", "q_proj", "v_proj", "down_proj"]
+    train_sft.main(sft_args(pipeline, out, "--lora-r", "4", *targets))
+    assert "of which LoRA" in capsys.readouterr().out  # the parameter table shows the adapters
+    trained = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
+    assert trained and all(".lora_" in k or k.startswith("multi_modal_projector.") for k in trained)
+    adapters = load_file(os.path.join(out, train_sft.ADAPTERS_FILE))
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        config = json.load(f)
+    assert config["r"] == 4 and config["alpha"] == 8 and len(adapters) == 2 * 3 * 2  # A, B x 3 x 2 layers
+    base = load_file(os.path.join(pipeline["llm"], "model.safetensors"))
+    merged = load_file(os.path.join(out, "model.safetensors"))
+    scale = config["alpha"] / config["r"]
+    for name, w in base.items():  # the stand-in's keys (its lm_head is tied: not saved)
+        saved = merged["language_model." + name]
+        module = name.removesuffix(".weight")
+        if f"{module}.lora_A" in adapters:  # exactly base + scale * B @ A: the base was not touched
+            A, B = adapters[f"{module}.lora_A"], adapters[f"{module}.lora_B"]
+            assert torch.equal(saved, w.float() + B.float() @ A.float() * scale), name
+            assert not torch.equal(saved, w), name
+        else:
+            assert torch.equal(saved, w), name
+    log = metrics(out)
+    assert log[-1]["eval_loss"] < log[0]["loss"]
+    # an ordinary checkpoint: tinyllava and transformers read it and agree
+    transformers = pytest.importorskip("transformers")
+    ours = TinyLlava.from_pretrained(out).eval()
+    ref = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        assert (ours(ids)[0] - ref(input_ids=ids).logits).abs().max() <= 1e-5
+
+
+def test_lora_run_resumes_bit_identically(pipeline, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    args = ["--lora-r", "4", "--eval-every", "4", "--batch-size", "8", "--micro-batch-size", "8"]
+    train_sft.main(sft_args(pipeline, a, *args))
+    train_sft.main(sft_args(pipeline, b, *args, "--save-every", "3", "--max-steps", "7"))  # "killed"
+    train_sft.main(sft_args(pipeline, b, *args, "--save-every", "3", "--resume"))
+    keys = ("step", "loss", "lr", "grad_norm", "eval_loss")
+    rows = [[{k: r.get(k) for k in keys} for r in metrics(d)] for d in (a, b)]
+    assert rows[0] == rows[1]
+    wa, wb = (load_file(os.path.join(d, "model.safetensors")) for d in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_part_lrs_and_an_unfrozen_vision_tower(pipeline, tmp_path, capsys):
+    out = str(tmp_path / "vision")
+    model = train_sft.main(sft_args(pipeline, out, "--train-vision", "--vision-lr", "1e-4",
+                                    "--projector-lr", "5e-4", "--max-steps", "2", "--save-every", "1"))
+    table = capsys.readouterr().out
+    vision_row = next(line for line in table.splitlines() if line.startswith("vision "))
+    n = sum(p.numel() for p in model.vision_tower.parameters())
+    assert vision_row.split()[1:] == [f"{n:,}", f"{n:,}"]  # the freezing table says it trains
+    groups = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["optimizer"]["param_groups"]
+    tensors_at = {}  # peak lr -> how many parameter tensors train at it
+    for g in groups:
+        tensors_at[g["peak_lr"]] = tensors_at.get(g["peak_lr"], 0) + len(g["params"])
+    parts = {"vision_tower.": 1e-4, "multi_modal_projector.": 5e-4, "language_model.": 3e-3}
+    assert tensors_at == {lr: sum(n.startswith(prefix) for n, _ in model.named_parameters())
+                          for prefix, lr in parts.items()}
+    vision = load_file(os.path.join(pipeline["vision"], "model.safetensors"))
+    saved = load_file(os.path.join(out, "model.safetensors"))
+    changed = [k for k, w in vision.items() if "vision_model.encoder.layers.1." in k
+               and not torch.equal(saved["vision_tower." + k.removeprefix("vision_model.")], w)]
+    assert changed  # the tower's selected layer moved
