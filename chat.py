@@ -14,11 +14,12 @@ import argparse
 import json
 import os
 
+import tokenizers
 import torch
 from safetensors.torch import load_file
 
 import data
-from tinyllava import InputError, TinyLlava, command_line, load_weights, read_config
+from tinyllava import InputError, TinyLlava, command_line, load_weights, read_config, write_json
 
 PROJECTOR_FILE = "projector.safetensors"  # stage 1's result, beside a config.json naming its parts
 
@@ -38,6 +39,48 @@ def load_stage1(path, device=None):
                  key_map=lambda k: k.removeprefix("multi_modal_projector."), device=device)
     model.chat = dict(d.get("tinyllava_chat") or {})
     return model
+
+
+# transformers' chat template for chatml, written as data.py's chatml template writes a conversation
+# (its default system prompt, the image tag before the text of its turn), so that the processor's
+# prompt tokenizes to the ids tinyllava's prompt has, each image tag expanded to the image's tokens
+CHATML_JINJA = (
+    "{% for m in messages %}"
+    "{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+    "<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] if c['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for c in m['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_checkpoint(model, path):
+    """Stage 2's result: model.save_pretrained, plus what transformers needs to *run* it, not only load
+    it: an image token in the tokenizer (added where it has none) whose id the config names, and the
+    processor's files: preprocessor_config.json (LlavaImageProcessor, padding as LLaVA-1.5 does),
+    processor_config.json (how many tokens an image becomes) and, for chatml, the chat template."""
+    tokenizer = tokenizers.Tokenizer.from_file(os.path.join(model.source_dir, "tokenizer.json"))
+    if tokenizer.token_to_id(data.IMAGE_TAG) is None:
+        tokenizer.add_special_tokens([tokenizers.AddedToken(data.IMAGE_TAG, special=True, normalized=False)])
+    model.save_pretrained(path, image_token_id=tokenizer.token_to_id(data.IMAGE_TAG))
+    tokenizer.save(os.path.join(path, "tokenizer.json"))
+    settings = data.ChatConfig.from_dict(model.chat)
+    image, vision = settings.image, model.vision_tower.config
+    write_json(os.path.join(path, "preprocessor_config.json"), {
+        "image_processor_type": "LlavaImageProcessor", "do_pad": image.mode == "pad",
+        "do_resize": True, "size": {"shortest_edge": image.size}, "resample": 3,
+        "do_center_crop": image.mode != "squash", "crop_size": {"height": image.size, "width": image.size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(image.mean), "image_std": list(image.std), "do_convert_rgb": True})
+    write_json(os.path.join(path, "processor_config.json"), {
+        "processor_class": "LlavaProcessor", "image_token": data.IMAGE_TAG, "patch_size": vision.patch_size,
+        "vision_feature_select_strategy": "default" if vision.select_feature == "patch" else "full",
+        "num_additional_image_tokens": int(vision.has_cls)})
+    if settings.template == "chatml":
+        with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+            f.write(CHATML_JINJA)
 
 
 def load_for_inference(path, device=None, template=None):

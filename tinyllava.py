@@ -638,11 +638,27 @@ class TinyLlava(nn.Module):
         model.sources, model.chat = d.get("tinyllava_sources", {}), d.get("tinyllava_chat", {})
         return model
 
-    def save_pretrained(self, path):
-        """config.json + model.safetensors (+ tokenizer files), with transformers' LLaVA keys."""
+    def save_pretrained(self, path, image_token_id=None):
+        """config.json + model.safetensors (+ tokenizer files), with transformers' LLaVA keys.
+        image_token_id: the tokenizer's id for the image tag, which transformers looks up in the
+        embedding table before putting the image there (chat.save_checkpoint adds the token); the
+        table gets zero rows up to it if it has none to spare. None: -200, read by tinyllava only."""
         os.makedirs(path, exist_ok=True)
-        write_json(os.path.join(path, "config.json"), self.config)
-        save_safetensors(state_dict_for_save(self), os.path.join(path, "model.safetensors"))
+        config, tensors = self.config, state_dict_for_save(self)
+        if image_token_id is not None:
+            config["image_token_index"] = image_token_id
+            extra = image_token_id + 1 - self.language_model.config.vocab_size
+            if extra > 0:
+                for k in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+                    if k in tensors:  # a tied lm_head is saved once, as the embedding
+                        tensors[k] = torch.cat([tensors[k], tensors[k].new_zeros(extra, tensors[k].size(1))])
+                config["text_config"]["vocab_size"] += extra
+        # an identity post_layernorm (LLaVA never uses it) so transformers loads it without warnings
+        D = self.vision_tower.config.hidden_size
+        tensors["vision_tower.post_layernorm.weight"] = torch.ones(D)
+        tensors["vision_tower.post_layernorm.bias"] = torch.zeros(D)
+        write_json(os.path.join(path, "config.json"), config)
+        save_safetensors(tensors, os.path.join(path, "model.safetensors"))
         if self.source_dir and os.path.abspath(self.source_dir) != os.path.abspath(path):
             for name in TOKENIZER_FILES:
                 if os.path.exists(os.path.join(self.source_dir, name)):
@@ -736,9 +752,10 @@ class LoRALinear(nn.Module):
         """An nn.Linear equal to this layer (in eval): W + scale * B @ A, in the weight's dtype."""
         linear = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
                            device=self.base.weight.device, dtype=self.base.weight.dtype)
+        dtype = torch.promote_types(self.base.weight.dtype, torch.float32)  # bf16 weights: summed in fp32
         with torch.no_grad():
-            delta = self.lora_B.float() @ self.lora_A.float() * self.scale  # (out, in)
-            linear.weight.copy_(self.base.weight.float() + delta)
+            delta = self.lora_B.to(dtype) @ self.lora_A.to(dtype) * self.scale  # (out, in)
+            linear.weight.copy_(self.base.weight.to(dtype) + delta)
             if self.base.bias is not None:
                 linear.bias.copy_(self.base.bias)
         linear.requires_grad_(self.base.weight.requires_grad)

@@ -93,7 +93,7 @@ def main(argv=None):
                 panels = [(f"stage 1 ({args.pt})", [json.loads(line) for line in f])]
             panels.append((f"stage 2 ({args.out_dir})", log))
             train.plot_losses(panels, os.path.join(args.out_dir, "loss.png"))
-        model.save_pretrained(args.out_dir)
+        chat.save_checkpoint(model, args.out_dir)
         print(f"stage 2: model saved to {args.out_dir}")
         if offline:  # the held-out questions, then the held-out conversations (captions are long)
             chat.evaluate(args.out_dir, os.path.join(standins.DATA_DIR, "test.json"), device=device)

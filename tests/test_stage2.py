@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,8 +23,10 @@ sys.path.insert(0, ROOT)
 
 from conftest import QUIET  # noqa: E402
 
+import chat  # noqa: E402
+import data  # noqa: E402
 import train_sft  # noqa: E402
-from tinyllava import TinyLlava  # noqa: E402
+from tinyllava import IMAGE_TOKEN_INDEX, TinyLlava  # noqa: E402
 
 
 def sft_args(p, out_dir, *extra):
@@ -69,6 +72,38 @@ def test_lora_trains_adapters_only_and_saves_a_merged_model(pipeline, tmp_path, 
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
     with torch.no_grad():
         assert (ours(ids)[0] - ref(input_ids=ids).logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_transformers_runs_the_checkpoint_as_chat_does(pipeline, tmp_path, variant):
+    """AutoProcessor + LlavaForConditionalGeneration on the saved directory alone: the prompt's ids are
+    tinyllava's with the image token repeated once per image token, and the greedy answers are chat's."""
+    transformers = pytest.importorskip("transformers")
+    out = pipeline["sft"]
+    if variant == "lora":
+        out = str(tmp_path / "lora")
+        train_sft.main(sft_args(pipeline, out, "--lora-r", "4", "--max-steps", "6"))
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    ref = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+    model, tokenizer, settings = chat.load_for_inference(out)
+    image_id = processor.tokenizer.convert_tokens_to_ids(data.IMAGE_TAG)
+    samples = data.load_samples(os.path.join(pipeline["shapes"], "test.json"))[:4]
+    for s in samples:
+        question = s["conversations"][0]["value"].replace(data.IMAGE_TAG, "").strip()
+        image = os.path.join(pipeline["shapes"], s["image"])
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        with Image.open(image) as im:
+            inputs = processor(images=im, text=text, return_tensors="pt")
+        ids = data.build_prompt([{"from": "human", "value": data.image_first(question)}], tokenizer,
+                                settings.template)
+        at = ids.index(IMAGE_TOKEN_INDEX)
+        expanded = ids[:at] + [image_id] * model.vision_tower.num_tokens + ids[at + 1:]
+        assert inputs["input_ids"][0].tolist() == expanded
+        with torch.no_grad():
+            new = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].size(1):]
+        said = chat.chat(out, image_file=image, prompt=question, max_new_tokens=8)[-1]["value"]
+        assert processor.tokenizer.decode(new, skip_special_tokens=True).strip() == said
 
 
 def test_lora_run_resumes_bit_identically(pipeline, tmp_path):
