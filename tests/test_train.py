@@ -43,6 +43,7 @@ from chat import evaluate  # noqa: E402
 from offline import standins  # noqa: E402
 from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, InputError, TinyLlava, shifted_cross_entropy  # noqa: E402
 
+
 def free_port():
     """A TCP port no one listens on now, for a torchrun rendezvous on this machine."""
     with socket.socket() as s:
