@@ -46,8 +46,8 @@ def load_stage1(path, device=None):
 # prompt tokenizes to the ids tinyllava's prompt has, each image tag expanded to the image's tokens
 CHATML_JINJA = (
     "{% for m in messages %}"
-    "{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
-    "<|im_end|>\n{% endif %}"
+    "{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n" + data.TEMPLATES["chatml"].system
+    + "<|im_end|>\n{% endif %}"
     "<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
     "{% for c in m['content'] if c['type'] == 'image' %}<image>\n{% endfor %}"
@@ -70,7 +70,9 @@ def save_checkpoint(model, path):
     image, vision = settings.image, model.vision_tower.config
     write_json(os.path.join(path, "preprocessor_config.json"), {
         "image_processor_type": "LlavaImageProcessor", "do_pad": image.mode == "pad",
-        "do_resize": True, "size": {"shortest_edge": image.size}, "resample": 3,
+        "do_resize": True, "resample": 3,  # squash: straight to size x size; else the shortest edge
+        "size": {"height": image.size, "width": image.size} if image.mode == "squash"
+        else {"shortest_edge": image.size},
         "do_center_crop": image.mode != "squash", "crop_size": {"height": image.size, "width": image.size},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(image.mean), "image_std": list(image.std), "do_convert_rgb": True})

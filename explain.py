@@ -62,10 +62,13 @@ def nearest_words(model, pixel_values, n_vocab, k=3):
     return nearest(model.encode_images(pixel_values), vocab, k)
 
 
-def word(tokenizer, i):
-    """A token as a label: its text without surrounding spaces, or its repr when that leaves nothing."""
-    text = tokenizer.decode([i])
+def label(text):
+    """A token's text as a label: without surrounding spaces, or its repr when that leaves nothing."""
     return text.strip() or repr(text)
+
+
+def word(tokenizer, i):
+    return label(tokenizer.decode([i]))
 
 
 def patch_words(model, tokenizer, pixel_values, k=3):
@@ -88,8 +91,8 @@ def grid_side(model):
     n = model.vision_tower.num_tokens
     side = math.isqrt(n)
     if side * side != n:
-        raise InputError(f"{n} image tokens are not a square grid of patches (a CLS token among them?): "
-                         "explain draws patch grids only")
+        raise InputError(f"{n} image tokens are not a square grid of patches (a CLS token among "
+                         "them?): explain draws patch grids only")
     return side
 
 
@@ -115,7 +118,8 @@ def word_share(model, tokenizer, data_dir, split="test", k=3, batch_size=64):
     hits = dict(color=[], shape=[], empty=[], all=[])
     for j in range(0, len(images), batch_size):
         batch = images[j : j + batch_size]
-        pixels = torch.stack([data.load_image(os.path.join(data_dir, m["image"]), settings) for m in batch])
+        files = [os.path.join(data_dir, m["image"]) for m in batch]
+        pixels = torch.stack([data.load_image(file, settings) for file in files])
         for m, patches in zip(batch, patch_words(model, tokenizer, pixels.to(device), k)):
             named = [set() for _ in range(9)]  # the words each cell's patches are nearest to
             for cell, words in zip(cells, patches):
@@ -139,8 +143,8 @@ def random_projector(model, seed=0):
     """The model with a freshly initialised projector in place of its own, as a new LLaVA has before
     stage 1: the baseline that a trained projector's nearest words are compared with."""
     trained = model.multi_modal_projector
-    torch.manual_seed(seed)
-    with torch.device(trained.linear_1.weight.device):
+    with torch.random.fork_rng(devices=[]), torch.device(trained.linear_1.weight.device):
+        torch.manual_seed(seed)  # the caller's random stream stays as it was
         model.multi_modal_projector = Projector(trained.kind, trained.linear_1.in_features,
                                                 trained.linear_1.out_features,
                                                 bias=trained.linear_1.bias is not None)
@@ -157,7 +161,8 @@ def random_projector(model, seed=0):
 class Answer:
     """One greedy answer, explained token by token."""
     question: str
-    tokens: list  # the answer's tokens as text
+    text: str  # the answer
+    tokens: list  # its tokens, as labels (surrounding spaces stripped)
     probs: list  # the probability of each (greedy: the most likely token)
     alternatives: list  # per token, the runners-up [(text, probability)]
     layers: list  # the decoder layers whose attention was kept
@@ -191,7 +196,8 @@ def keeping_attention(model, layers):
 
 
 @torch.no_grad()
-def explain_answer(model, tokenizer, settings, pixel_values, question, layers, max_new_tokens=16, top=3):
+def explain_answer(model, tokenizer, settings, pixel_values, question, layers, max_new_tokens=16,
+                   top=3):
     """Answer `question` about one image (3, H, W) greedily, as chat does; then run the prompt and the
     answer once more, attending explicitly in `layers`, to read each answer token's probability, its
     `top` runners-up, and where the query that chose it looked -> Answer."""
@@ -214,7 +220,8 @@ def explain_answer(model, tokenizer, settings, pixel_values, question, layers, m
     best = probs.topk(top + 1, dim=-1)
     alternatives = [[(word(tokenizer, i), p) for p, i in zip(ps.tolist(), ids.tolist()) if i != t][:top]
                     for ps, ids, t in zip(best.values, best.indices, answer)]
-    return Answer(question=question, tokens=[tokenizer.decode([t]) for t in answer],
+    return Answer(question=question, text=tokenizer.decode(answer).strip(),
+                  tokens=[label(tokenizer.decode([t])) for t in answer],
                   probs=[probs[k, t].item() for k, t in enumerate(answer)], alternatives=alternatives,
                   layers=list(layers), attention=torch.stack([w[queries] for w in weights]).cpu(),
                   image=range(start, start + N))
@@ -280,13 +287,13 @@ def draw_answer(picture, answer, side, file, sinks=(), panel=144):
     columns = [(f"layer {layer}", answer.attention[k]) for k, layer in enumerate(answer.layers)]
     columns.append(("mean", answer.attention.mean(0)))
     rows = len(answer.tokens)
-    image = Image.new("RGB", (label_w + len(columns) * (panel + 8), title_h + rows * (panel + caption_h + 8)),
-                      "white")
+    width, height = label_w + len(columns) * (panel + 8), title_h + rows * (panel + caption_h + 8)
+    image = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(image)
-    d.text((6, 4), f"Q: {answer.question}    A: {''.join(answer.tokens).strip()}", fill=(0, 0, 0), font=FONT)
+    d.text((6, 4), f"Q: {answer.question}    A: {answer.text}", fill=(0, 0, 0), font=FONT)
     for r, (token, p, alts) in enumerate(zip(answer.tokens, answer.probs, answer.alternatives)):
         y = title_h + r * (panel + caption_h + 8)
-        d.text((6, y + 4), f"{token.strip() or repr(token)}   p = {p:.3f}", fill=(0, 0, 0), font=FONT)
+        d.text((6, y + 4), f"{token}   p = {p:.3f}", fill=(0, 0, 0), font=FONT)
         for k, (alt, q) in enumerate(alts):
             d.text((14, y + 26 + 16 * k), f"{alt}  {q:.3f}", fill=(110, 110, 110), font=FONT)
         for c, (name, attention) in enumerate(columns):
@@ -316,7 +323,8 @@ def explain_image(model_dir, image_file, prompts, out_dir="explain", layers=None
     os.makedirs(out_dir, exist_ok=True)
     device = model.language_model.lm_head.weight.device
     words = patch_words(model, tokenizer, pixel_values[None].to(device), k)[0]
-    draw_words(picture, [[f"{w} {c:.2f}" for w, c in ws] for ws in words], os.path.join(out_dir, "words.png"))
+    labels = [[f"{w} {c:.2f}" for w, c in ws] for ws in words]
+    draw_words(picture, labels, os.path.join(out_dir, "words.png"))
     print(f"{model_dir} on {image_file}: {side * side} image tokens ({side}x{side} patches), "
           f"attention of layers {', '.join(map(str, layers))}")
     print(f"image tokens as words ({k} nearest by cosine) -> {os.path.join(out_dir, 'words.png')}")
@@ -329,12 +337,13 @@ def explain_image(model_dir, image_file, prompts, out_dir="explain", layers=None
     for n, a in enumerate(answers, 1):
         file = os.path.join(out_dir, f"answer_{n}.png")
         draw_answer(picture, a, side, file, sinks)
-        print(f"{a.question!r} -> {''.join(a.tokens).strip()!r} -> {file}")
+        print(f"{a.question!r} -> {a.text!r} -> {file}")
         for t, token in enumerate(a.tokens):
             alts = ", ".join(f"{w} {p:.3f}" for w, p in a.alternatives[t])
-            shares = ", ".join(f"layer {layer} {a.on_image[j, t]:.0%}" for j, layer in enumerate(a.layers))
+            shares = ", ".join(f"layer {layer} {a.on_image[j, t]:.0%}"
+                               for j, layer in enumerate(a.layers))
             patch = int(a.attention[:, t][:, a.image].mean(0).argmax())
-            print(f"  {token.strip() or repr(token):<10} p={a.probs[t]:.3f} (then {alts}); on the image: "
+            print(f"  {token:<10} p={a.probs[t]:.3f} (then {alts}); on the image: "
                   f"{shares}; most on patch (row {patch // side}, col {patch % side})")
     if len(answers) > 1:
         where = ", ".join(f"(row {p // side}, col {p % side})" for p in sinks) or "none"
@@ -359,7 +368,8 @@ def share(model_dir, data_dir, split="test", k=3, device=None, seed=0):
           f"({trained['cells']} cells):")
     print(f"  {'':<24}{'colour':>8}{'shape':>8}{'empty':>8}{'all':>8}")
     for name, r in ((model_dir, trained), ("random projector", random)):
-        print(f"  {name[-24:]:<24}" + "".join(f"{r[c]:8.1%}" for c in ("color", "shape", "empty", "all")))
+        shares = "".join(f"{r[c]:8.1%}" for c in ("color", "shape", "empty", "all"))
+        print(f"  {name[-24:]:<24}{shares}")
     return trained, random
 
 
@@ -383,16 +393,20 @@ def look(model_dir, data_file, device=None):
     for s in samples:
         turns = [{"from": "human", "value": data.image_first(s["conversations"][0]["value"])}]
         prompt = data.build_prompt(turns, tokenizer, settings.template)
-        cell = shapes.CELLS.index(s["conversations"][1]["value"])
-        o = next(o for o in objects[s["image"]] if o["cell"] == cell)
+        answer = s["conversations"][1]["value"]
+        cell = shapes.CELLS.index(answer) if answer in shapes.CELLS else None
+        o = next((o for o in objects.get(s["image"], []) if o["cell"] == cell), None)
         words = [word(tokenizer, i) if i != IMAGE_TOKEN_INDEX else "" for i in prompt]
+        at = {a: [i for i, w in enumerate(words) if w == o[a]] for a in ("color", "shape")} if o else {}
+        if not (at.get("color") and at.get("shape")):
+            raise InputError(f"{data_file}: sample {s['id']}: not a shapes position question whose "
+                             "colour and shape are single tokens, about an object of meta.json")
         start = prompt.index(IMAGE_TOKEN_INDEX)
 
         def spliced(i):  # a prompt position after the image, in the sequence the LLM reads
             return i + N - 1
 
-        queries = {"colour word": spliced(max(i for i, w in enumerate(words) if w == o["color"])),
-                   "shape word": spliced(max(i for i, w in enumerate(words) if w == o["shape"])),
+        queries = {"colour word": spliced(at["color"][-1]), "shape word": spliced(at["shape"][-1]),
                    "answer": spliced(len(prompt) - 1)}
         pixels = data.load_image(os.path.join(folder, s["image"]), settings.image)[None].to(device)
         with keeping_attention(model, layers) as attns:

@@ -641,8 +641,10 @@ class TinyLlava(nn.Module):
     def save_pretrained(self, path, image_token_id=None):
         """config.json + model.safetensors (+ tokenizer files), with transformers' LLaVA keys.
         image_token_id: the tokenizer's id for the image tag, which transformers looks up in the
-        embedding table before putting the image there (chat.save_checkpoint adds the token); the
-        table gets zero rows up to it if it has none to spare. None: -200, read by tinyllava only."""
+        embedding table before putting the image there (chat.save_checkpoint adds the token); a
+        table without a row to spare for it grows, the new rows the mean row (as transformers'
+        resize_token_embeddings centres them: an unremarkable logit, not 0). None: -200, which only
+        tinyllava reads."""
         os.makedirs(path, exist_ok=True)
         config, tensors = self.config, state_dict_for_save(self)
         if image_token_id is not None:
@@ -651,7 +653,8 @@ class TinyLlava(nn.Module):
             if extra > 0:
                 for k in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
                     if k in tensors:  # a tied lm_head is saved once, as the embedding
-                        tensors[k] = torch.cat([tensors[k], tensors[k].new_zeros(extra, tensors[k].size(1))])
+                        mean = tensors[k].mean(0, keepdim=True)
+                        tensors[k] = torch.cat([tensors[k], mean.expand(extra, -1)])
                 config["text_config"]["vocab_size"] += extra
         # an identity post_layernorm (LLaVA never uses it) so transformers loads it without warnings
         D = self.vision_tower.config.hidden_size

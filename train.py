@@ -432,7 +432,7 @@ def resume(ckpt_file, log_file, run_id, trainable, optimizer, device, master):
     ckpt = torch.load(ckpt_file, map_location=device, weights_only=False)
     if ckpt["run"] != run_id:
         raise InputError(f"{ckpt_file} belongs to a different run (steps, batch, seed, data size, "
-                         "length grouping or trained parameters differ)")
+                         "length grouping, trained parameters or peak lrs differ)")
     with torch.no_grad():
         for n, p in trainable.items():
             p.copy_(ckpt["model"][n])

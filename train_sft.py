@@ -52,8 +52,8 @@ def main(argv=None):
     g.add_argument("--lora-r", type=int, default=0,
                    help="train rank-R LoRA adapters beside the frozen LLM instead of the LLM (0 = the LLM)")
     g.add_argument("--lora-alpha", type=float, help="the adapters' scale is alpha / r (default: 2 r)")
-    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
-    g.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS), metavar="NAME",
+    g.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default: 0.05)")
+    g.add_argument("--lora-targets", nargs="+", metavar="NAME",
                    help="the decoder projections that get adapters (default: all of attention and MLP)")
     g.add_argument("--projector-lr", type=float, help="the projector's peak lr (default: --lr)")
     g.add_argument("--train-vision", action="store_true", help="train the vision tower too")
@@ -70,6 +70,13 @@ def main(argv=None):
     data.get_template(args.template)  # an unknown name fails now, not after loading the models
     if args.vision_lr is not None and not args.train_vision:
         parser.error("--vision-lr needs --train-vision")
+    lora_flags = [f for f, v in (("--lora-alpha", args.lora_alpha), ("--lora-dropout", args.lora_dropout),
+                                 ("--lora-targets", args.lora_targets)) if v is not None]
+    if lora_flags and args.lora_r <= 0:
+        parser.error(f"{', '.join(lora_flags)}: only with --lora-r (the adapters' rank)")
+    if args.lora_r < 0 or not 0 <= (args.lora_dropout or 0) < 1:
+        parser.error(f"--lora-r {args.lora_r}, --lora-dropout {args.lora_dropout}: "
+                     "the rank is at least 0, the dropout in [0, 1)")
     trainable, lora = trainable_parts(args)
     args.part_lrs = {prefix: lr for prefix, lr in (("multi_modal_projector.", args.projector_lr),
                                                    ("vision_tower.", args.vision_lr)) if lr is not None}
@@ -112,7 +119,9 @@ def trainable_parts(args):
     lora = None
     if args.lora_r:
         alpha = 2 * args.lora_r if args.lora_alpha is None else args.lora_alpha  # LLaVA: r 128, alpha 256
-        lora = dict(r=args.lora_r, alpha=alpha, dropout=args.lora_dropout, targets=list(args.lora_targets))
+        dropout = 0.05 if args.lora_dropout is None else args.lora_dropout  # LLaVA's
+        targets = list(args.lora_targets or LORA_TARGETS)
+        lora = dict(r=args.lora_r, alpha=alpha, dropout=dropout, targets=targets)
     return parts, lora
 
 

@@ -45,7 +45,7 @@ def test_pictures_and_the_answer_they_explain(pipeline, tmp_path):
     # the explained answer is the one chat gives
     for a, q in zip(answers, prompts):
         said = chat.chat(pipeline["sft"], image_file=image, prompt=q, max_new_tokens=16)[-1]["value"]
-        assert "".join(a.tokens).strip() == said
+        assert a.text == said
 
 
 def test_stage1_words_beat_a_random_projector(pipeline):
@@ -66,11 +66,12 @@ def test_stage1_words_beat_a_random_projector(pipeline):
 def test_sinks_are_patches_that_draw_attention_under_every_question():
     def answer(focus):  # an Answer whose one token puts `focus` of its attention on 4 image patches
         attention = torch.tensor([[[0.5] + [f / 2 for f in focus]]])  # (1 layer, 1 token, S = 1 + 4)
-        return explain.Answer(question="", tokens=["a"], probs=[1.0], alternatives=[[]], layers=[0],
-                              attention=attention, image=range(1, 5))
-    a, b = answer([0.7, 0.1, 0.1, 0.1]), answer([0.6, 0.0, 0.4, 0.0])
+        return explain.Answer(question="", text="a", tokens=["a"], probs=[1.0], alternatives=[[]],
+                              layers=[0], attention=attention, image=range(1, 5))
+    a, b = answer([0.7, 0.1, 0.1, 0.1]), answer([0.55, 0.0, 0.45, 0.0])
     assert a.on_image.item() == 0.5
-    assert explain.attention_sinks([a, b]) == [0]  # patch 2 only under one question
+    # over 1.5 x 1/4: patch 0 under both questions, patch 2 under one only
+    assert explain.attention_sinks([a, b], factor=1.5) == [0]
     assert explain.attention_sinks([a]) == []
 
 

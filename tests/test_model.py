@@ -200,14 +200,18 @@ def test_explicit_attention_equals_sdpa(tmp_path):
         for a in attns:
             a.keep_attention = explicit
         with torch.no_grad():
-            out = [lm(ids[:1]), lm(ids, attention_mask=mask)]  # "causal", then a padding mask
+            out = [lm(ids[:1])]  # "causal"
+            causal = [a.attention for a in attns] if explicit else None
+            out.append(lm(ids, attention_mask=mask))  # a padding mask
             cache = tl.KVCache(lm.config, 2, 10, "cpu", torch.float32)
             lm(ids[:, :9], attention_mask=mask[:, :9], cache=cache)
             out.append(lm(ids[:, 9:], attention_mask=mask, cache=cache))  # one new token over the cache
-        return out, [a.attention for a in attns]
+        return out, [a.attention for a in attns], causal
 
-    sdpa, _ = run(False)
-    explicit, weights = run(True)
+    sdpa, _, _ = run(False)
+    explicit, weights, causal = run(True)
+    for w in causal:  # (1, nh, 10, 10): no weight on a later key
+        assert w.triu(1).abs().max() == 0 and torch.allclose(w.sum(-1), torch.ones(w.shape[:-1]))
     for a, b in zip(sdpa, explicit):
         assert (a - b).abs().max() <= TOL
     w = weights[0]  # the last call's: (2, nh, 1, 10)
@@ -309,6 +313,28 @@ def test_llava_siglip_qwen2_parity(tmp_path):
         want = ref(input_ids=ref_ids, pixel_values=pix).logits
         got, _ = ours(torch.tensor([prompt]), pixel_values=pix)
     assert (got - want).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_with_an_image_token_past_the_table(tmp_path, tied):
+    """An image token id the embedding table has no row for: the saved table (and an untied lm_head)
+    grows up to it with the mean row; transformers and tinyllava load it, and the old rows' logits
+    are unchanged."""
+    _, path = llava(tmp_path, text_cfg=llama_config(tie_word_embeddings=tied))
+    model = tl.TinyLlava.from_pretrained(path).eval()
+    V = model.language_model.config.vocab_size
+    model.save_pretrained(tmp_path / "grown", image_token_id=V + 1)  # two new rows
+    config = json.load(open(tmp_path / "grown" / "config.json"))
+    assert config["image_token_index"] == V + 1 and config["text_config"]["vocab_size"] == V + 2
+    grown = tl.TinyLlava.from_pretrained(tmp_path / "grown").eval()
+    ref = LlavaForConditionalGeneration.from_pretrained(tmp_path / "grown").eval()
+    emb = grown.language_model.model.embed_tokens.weight
+    assert torch.equal(emb[V:], emb[:V].mean(0, keepdim=True).expand(2, -1))
+    ids = torch.randint(0, V, (1, 7))
+    with torch.no_grad():
+        before, after = model(ids)[0], grown(ids)[0]
+        assert torch.equal(after[..., :V], before) and after.shape[-1] == V + 2
+        assert (ref(input_ids=ids).logits - after).abs().max() <= TOL
 
 
 def test_batch_with_padding_and_text_only_sample(tmp_path):

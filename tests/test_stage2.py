@@ -25,6 +25,7 @@ from conftest import QUIET  # noqa: E402
 
 import chat  # noqa: E402
 import data  # noqa: E402
+import train  # noqa: E402
 import train_sft  # noqa: E402
 from tinyllava import IMAGE_TOKEN_INDEX, TinyLlava  # noqa: E402
 
@@ -91,7 +92,8 @@ def test_transformers_runs_the_checkpoint_as_chat_does(pipeline, tmp_path, varia
     for s in samples:
         question = s["conversations"][0]["value"].replace(data.IMAGE_TAG, "").strip()
         image = os.path.join(pipeline["shapes"], s["image"])
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        content = [{"type": "image"}, {"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
         with Image.open(image) as im:
             inputs = processor(images=im, text=text, return_tensors="pt")
@@ -101,7 +103,8 @@ def test_transformers_runs_the_checkpoint_as_chat_does(pipeline, tmp_path, varia
         expanded = ids[:at] + [image_id] * model.vision_tower.num_tokens + ids[at + 1:]
         assert inputs["input_ids"][0].tolist() == expanded
         with torch.no_grad():
-            new = ref.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].size(1):]
+            new = ref.generate(**inputs, max_new_tokens=8, do_sample=False)
+        new = new[0, inputs["input_ids"].size(1):]
         said = chat.chat(out, image_file=image, prompt=question, max_new_tokens=8)[-1]["value"]
         assert processor.tokenizer.decode(new, skip_special_tokens=True).strip() == said
 
@@ -127,7 +130,11 @@ def test_part_lrs_and_an_unfrozen_vision_tower(pipeline, tmp_path, capsys):
     vision_row = next(line for line in table.splitlines() if line.startswith("vision "))
     n = sum(p.numel() for p in model.vision_tower.parameters())
     assert vision_row.split()[1:] == [f"{n:,}", f"{n:,}"]  # the freezing table says it trains
-    groups = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["optimizer"]["param_groups"]
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    groups, total = ckpt["optimizer"]["param_groups"], ckpt["run"]["total"]
+    cfg = train.TrainConfig(lr=3e-3, warmup=train_sft.RECIPE["warmup"])
+    for g in groups:  # the last step (index 1) ran every part on the schedule, at its own peak
+        assert g["lr"] == train.lr_at(1, total, cfg, g["peak_lr"])
     tensors_at = {}  # peak lr -> how many parameter tensors train at it
     for g in groups:
         tensors_at[g["peak_lr"]] = tensors_at.get(g["peak_lr"], 0) + len(g["params"])

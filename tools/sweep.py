@@ -15,7 +15,7 @@ turn (test_chat.json, each turn after the model's own earlier answers), and the 
 minimum and median over the seeds. The table is also written to OUT_DIR/sweep.json.
 
 --split val scores the validation split instead (val.json, 400 other images, one question each, and
-the stand-in's reading accuracy on it): a recipe change is chosen there, and the test table is
+the stand-in's reading accuracy on its first 200): a recipe change is chosen there, and the test table is
 looked at once, for the recipe chosen. train_sft.py still answers the test files after training (as
 the offline pipeline always does); --split val only reads the validation answers.
 """
@@ -56,12 +56,12 @@ def run_seed(seed, out_dir, split="test"):
         data_file = os.path.join(ROOT, "data", "shapes", "val.json")
         subprocess.run([sys.executable, "chat.py", "eval", "--model", sft, "--data", data_file,
                         "--out", answers], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        return dict(seed=seed, reading=reading["val_reading_accuracy"], accuracy=exact_match(answers, "type"),
-                    seconds=round(seconds))
+        return dict(seed=seed, reading=reading["val_reading_accuracy"],
+                    accuracy=exact_match(answers, "type"), seconds=round(seconds))
     accuracy = exact_match(os.path.join(sft, "answers.jsonl"), "type")
     conversation = exact_match(os.path.join(sft, "answers_chat.jsonl"), "turn")
-    return dict(seed=seed, reading=reading["reading_accuracy"], accuracy=accuracy, conversation=conversation,
-                seconds=round(seconds))
+    return dict(seed=seed, reading=reading["reading_accuracy"], accuracy=accuracy,
+                conversation=conversation, seconds=round(seconds))
 
 
 def exact_match(answers_file, by):
