@@ -22,7 +22,6 @@ resident memory during the step.
 """
 
 import argparse
-import resource
 from dataclasses import replace
 
 import torch
@@ -154,8 +153,17 @@ def table(batch=8, positions=1024, lora_r=128):
         print(f"{name:<14} {lm_params(cfg) / 1e6:7.0f}M  " + " ".join(f"{t:>9.1f}" for t in totals))
 
 
-def rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+def status(field):
+    """VmRSS (resident now) or VmHWM (its peak) of this process, in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak():
+    """Start VmHWM afresh from the memory resident now (Linux), so that a peak reached while building
+    the model is not taken for the step's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def check(batch=2, positions=512):
@@ -174,11 +182,12 @@ def check(batch=2, positions=512):
     pixels = torch.randn(batch, 3, vision.image_size, vision.image_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
-    before = rss()
+    reset_peak()
+    before = status("VmRSS")
     _, loss = model(ids, pixel_values=pixels, labels=labels, return_logits=False)
     loss.backward()
     optimizer.step()
-    grown = rss() - before
+    grown = status("VmHWM") - before
     m = step_memory(cfg, vision, batch, positions, dtype=torch.float32)
     formula = m["gradients"] + m["adamw"] + m["activations"]
     parts = " + ".join(f"{k} {m[k] / GIB:.2f}" for k in ("gradients", "adamw", "activations"))
