@@ -50,7 +50,7 @@ CHATML_JINJA = (
     + "<|im_end|>\n{% endif %}"
     "<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-    "{% for c in m['content'] if c['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for c in m['content'] if c['type'] == 'image' %}" + data.IMAGE_TAG + "\n{% endfor %}"
     "{% for c in m['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -96,12 +96,6 @@ def grid_side(model):
     return side
 
 
-def patch_cells(side):
-    """(side * side,) the cell of the shapes' 3x3 grid that each patch lies in, row by row."""
-    row = torch.arange(side) * 3 // side
-    return (3 * row[:, None] + row[None, :]).flatten()
-
-
 @torch.no_grad()
 def word_share(model, tokenizer, data_dir, split="test", k=3, batch_size=64):
     """On the shapes data: how often the k nearest words of a 3x3 grid cell's patches name what is in
@@ -114,7 +108,7 @@ def word_share(model, tokenizer, data_dir, split="test", k=3, batch_size=64):
     if not images:
         raise InputError(f"{data_dir}/meta.json: no images of split {split!r}")
     settings = data.ChatConfig.from_dict(model.chat).image
-    cells, device = patch_cells(grid_side(model)).tolist(), model.language_model.lm_head.weight.device
+    cells, device = shapes.patch_cells(grid_side(model)), model.language_model.lm_head.weight.device
     hits = dict(color=[], shape=[], empty=[], all=[])
     for j in range(0, len(images), batch_size):
         batch = images[j : j + batch_size]
@@ -382,7 +376,7 @@ def look(model_dir, data_file, device=None):
     model, tokenizer, settings = chat.load_for_inference(model_dir, device)
     device = model.language_model.lm_head.weight.device
     layers = list(range(model.language_model.config.num_hidden_layers))
-    cells, N = patch_cells(grid_side(model)), model.vision_tower.num_tokens
+    cells, N = shapes.patch_cells(grid_side(model)), model.vision_tower.num_tokens
     folder = os.path.dirname(os.path.abspath(data_file))
     samples = [s for s in data.load_samples(data_file) if s.get("type") == "position"]
     if not samples:
@@ -414,7 +408,7 @@ def look(model_dir, data_file, device=None):
             weights = [a.attention[0].mean(0)[:, start : start + N] for a in attns]  # (S, N) per layer
         for q, position in queries.items():
             for j, w in enumerate(weights):
-                hits[q][j] += int(cells[int(w[position].argmax())]) == cell
+                hits[q][j] += cells[int(w[position].argmax())] == cell
     share = {q: [h / len(samples) for h in hs] for q, hs in hits.items()}
     print(f"{len(samples)} position questions of {data_file}: how often a query's most attended patch "
           "lies in the asked object's cell")

@@ -67,6 +67,12 @@ def draw_shapes(objects, size, rng):
     return image.reduce(4)
 
 
+def patch_cells(side):
+    """The grid cell (0-8, row by row) that each patch of a side x side patch grid lies in, the patches
+    row by row: side 3 gives one patch per cell, side 6 four."""
+    return [3 * (r * 3 // side) + c * 3 // side for r in range(side) for c in range(side)]
+
+
 def caption(objects):
     """Objects in cell order:
     'a large red circle at the top left and a small blue square at the center.'"""

@@ -116,9 +116,7 @@ def cell_targets(objects, side=3):
         t[o["cell"]] = torch.tensor([shapes.SHAPES.index(o["shape"]) + 1,
                                      list(shapes.COLORS).index(o["color"]) + 1,
                                      list(shapes.SIZES).index(o["size"]) + 1, o["cell"]])
-    # the grid row (or column) that each row (or column) of patches lies in
-    row = torch.arange(side) * 3 // side
-    return t[(3 * row[:, None] + row[None, :]).flatten()]
+    return t[shapes.patch_cells(side)]
 
 
 def cell_loss(model, batch):

@@ -1,6 +1,7 @@
 """What several test files share: the small offline pipeline (stage 0, 1 and 2 on 400 shapes images),
 built once per session."""
 
+import json
 import os
 import sys
 
@@ -25,6 +26,18 @@ def pt_args(p, out_dir, *extra):
             "--cache-dir", os.path.join(p["root"], "cache"), *QUIET, *extra]
 
 
+def sft_args(p, out_dir, *extra):
+    return ["--pt", p["pt"], "--data", os.path.join(p["shapes"], "instruct.json"), "--template", "chatml",
+            "--out-dir", out_dir, "--lr", "3e-3", "--epochs", "1", "--batch-size", "16",
+            "--micro-batch-size", "16", "--cache-dir", os.path.join(p["root"], "cache"), *QUIET, *extra]
+
+
+def losses(out_dir):
+    """The rows of a run's metrics.jsonl."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
     """Stage 0 (stand-ins), stage 1 and stage 2 on 400 shapes images: small (about a minute), but
@@ -40,9 +53,5 @@ def pipeline(tmp_path_factory):
     p = dict(root=root, shapes=shapes_dir, vision=vision, llm=llm, pt=os.path.join(root, "pt"),
              sft=os.path.join(root, "sft"))
     p["pt_model"] = train_pt.main(pt_args(p, p["pt"], "--epochs", "6", "--lr", "1e-2"))
-    sft_args = ["--pt", p["pt"], "--data", os.path.join(shapes_dir, "instruct.json"),
-                "--template", "chatml", "--out-dir", p["sft"], "--epochs", "4", "--lr", "1e-3",
-                "--batch-size", "16", "--micro-batch-size", "16", "--cache-dir", os.path.join(root, "cache"),
-                *QUIET]
-    p["sft_model"] = train_sft.main(sft_args)
+    p["sft_model"] = train_sft.main(sft_args(p, p["sft"], "--epochs", "4", "--lr", "1e-3"))
     return p

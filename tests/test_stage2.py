@@ -21,24 +21,13 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from conftest import QUIET  # noqa: E402
+from conftest import losses, sft_args  # noqa: E402
 
 import chat  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 import train_sft  # noqa: E402
 from tinyllava import IMAGE_TOKEN_INDEX, TinyLlava  # noqa: E402
-
-
-def sft_args(p, out_dir, *extra):
-    return ["--pt", p["pt"], "--data", os.path.join(p["shapes"], "instruct.json"), "--template", "chatml",
-            "--out-dir", out_dir, "--lr", "3e-3", "--epochs", "1", "--batch-size", "16",
-            "--micro-batch-size", "16", "--cache-dir", os.path.join(p["root"], "cache"), *QUIET, *extra]
-
-
-def metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_lora_trains_adapters_only_and_saves_a_merged_model(pipeline, tmp_path, capsys):
@@ -64,7 +53,7 @@ def test_lora_trains_adapters_only_and_saves_a_merged_model(pipeline, tmp_path, 
             assert not torch.equal(saved, w), name
         else:
             assert torch.equal(saved, w), name
-    log = metrics(out)
+    log = losses(out)
     assert log[-1]["eval_loss"] < log[0]["loss"]
     # an ordinary checkpoint: tinyllava and transformers read it and agree
     transformers = pytest.importorskip("transformers")
@@ -116,7 +105,7 @@ def test_lora_run_resumes_bit_identically(pipeline, tmp_path):
     train_sft.main(sft_args(pipeline, b, *args, "--save-every", "3", "--max-steps", "7"))  # "killed"
     train_sft.main(sft_args(pipeline, b, *args, "--save-every", "3", "--resume"))
     keys = ("step", "loss", "lr", "grad_norm", "eval_loss")
-    rows = [[{k: r.get(k) for k in keys} for r in metrics(d)] for d in (a, b)]
+    rows = [[{k: r.get(k) for k in keys} for r in losses(d)] for d in (a, b)]
     assert rows[0] == rows[1]
     wa, wb = (load_file(os.path.join(d, "model.safetensors")) for d in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from conftest import pt_args  # noqa: E402
+from conftest import losses, pt_args  # noqa: E402
 
 import chat  # noqa: E402
 import data  # noqa: E402
@@ -49,11 +49,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
-
-
-def losses(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_standins_are_hf_checkpoints(pipeline):
