@@ -49,7 +49,8 @@ def pipeline(tmp_path_factory):
     cpu = torch.device("cpu")
     vision, _ = standins.train_vision(shapes_dir, root, cpu, epochs=20, batch_size=32,
                                       micro_batch_size=32, progress=False)
-    llm = standins.train_llm(shapes_dir, root, cpu, n_docs=8000, progress=False)
+    llm = standins.train_llm(shapes_dir, root, cpu, n_docs=8000, batch_size=8, micro_batch_size=8,
+                             progress=False)
     p = dict(root=root, shapes=shapes_dir, vision=vision, llm=llm, pt=os.path.join(root, "pt"),
              sft=os.path.join(root, "sft"))
     p["pt_model"] = train_pt.main(pt_args(p, p["pt"], "--epochs", "6", "--lr", "1e-2"))

@@ -12,12 +12,16 @@ every seed), then prints one row per seed: the stand-in LLM's reading accuracy (
 questions with the scene given as soft words: what a perfect projector would reach), the held-out
 exact match overall and per question type, the held-out conversations' exact match overall and per
 turn (test_chat.json, each turn after the model's own earlier answers), and the wall time; then the
-minimum and median over the seeds. The table is also written to OUT_DIR/sweep.json.
+minimum and median over the seeds. The table is also written to OUT_DIR/sweep.json
+(sweep_val.json with --split val).
 
 --split val scores the validation split instead (val.json, 400 other images, one question each, and
 the stand-in's reading accuracy on its first 200): a recipe change is chosen there, and the test table is
 looked at once, for the recipe chosen. train_sft.py still answers the test files after training (as
-the offline pipeline always does); --split val only reads the validation answers.
+the offline pipeline always does); --split val only reads the validation answers, and
+`--score` then prints the test table of those same runs without training them again:
+
+    python -m tools.sweep --split val && python -m tools.sweep --score
 """
 
 import argparse
@@ -33,10 +37,14 @@ from tinyllava import InputError, command_line
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_seed(seed, out_dir, split="test"):
-    """Run the pipeline for one seed; returns its row, scored on `split`."""
-    pt = os.path.join(out_dir, f"seed{seed}", "pt")
-    sft = os.path.join(out_dir, f"seed{seed}", "sft")
+def seed_dirs(seed, out_dir):
+    """(stage 1's and stage 2's output directories) of a seed."""
+    return (os.path.join(out_dir, f"seed{seed}", "pt"), os.path.join(out_dir, f"seed{seed}", "sft"))
+
+
+def run_seed(seed, out_dir):
+    """Run the pipeline for one seed; its wall time goes to OUT_DIR/seedS/time.json."""
+    pt, sft = seed_dirs(seed, out_dir)
     steps = [["train_pt.py", "--seed", str(seed), "--out-dir", pt, "--no-progress"],
              ["train_sft.py", "--seed", str(seed), "--pt", pt, "--out-dir", sft, "--no-progress"]]
     t0 = time.time()
@@ -48,20 +56,32 @@ def run_seed(seed, out_dir, split="test"):
                                     stderr=subprocess.STDOUT)
         if result.returncode:
             raise InputError(f"seed {seed}: {step[0]} failed (exit {result.returncode}); see {log}")
-    seconds = time.time() - t0
+    with open(os.path.join(out_dir, f"seed{seed}", "time.json"), "w") as f:
+        json.dump({"seconds": round(time.time() - t0)}, f)
+
+
+def score_seed(seed, out_dir, split="test"):
+    """The row of a seed whose pipeline has run, scored on `split`."""
+    pt, sft = seed_dirs(seed, out_dir)
+    done = os.path.join(out_dir, f"seed{seed}", "time.json")
+    if not os.path.exists(done):
+        raise InputError(f"seed {seed}: no finished run in {os.path.dirname(done)} (run without --score)")
+    with open(done) as f:
+        seconds = json.load(f)["seconds"]
     with open(os.path.join(read_sources(pt)["llm"], "reading.json")) as f:
         reading = json.load(f)
     if split == "val":
         answers = os.path.join(sft, "answers_val.jsonl")
-        data_file = os.path.join(ROOT, "data", "shapes", "val.json")
-        subprocess.run([sys.executable, "chat.py", "eval", "--model", sft, "--data", data_file,
-                        "--out", answers], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        if not os.path.exists(answers):
+            data_file = os.path.join(ROOT, "data", "shapes", "val.json")
+            subprocess.run([sys.executable, "chat.py", "eval", "--model", sft, "--data", data_file,
+                            "--out", answers], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         return dict(seed=seed, reading=reading["val_reading_accuracy"],
-                    accuracy=exact_match(answers, "type"), seconds=round(seconds))
+                    accuracy=exact_match(answers, "type"), seconds=seconds)
     accuracy = exact_match(os.path.join(sft, "answers.jsonl"), "type")
     conversation = exact_match(os.path.join(sft, "answers_chat.jsonl"), "turn")
     return dict(seed=seed, reading=reading["reading_accuracy"], accuracy=accuracy,
-                conversation=conversation, seconds=round(seconds))
+                conversation=conversation, seconds=seconds)
 
 
 def exact_match(answers_file, by):
@@ -102,11 +122,16 @@ def main(argv=None):
     parser.add_argument("--out-dir", default="runs/sweep")
     parser.add_argument("--split", choices=["test", "val"], default="test",
                         help="the held-out split the table scores (choose recipes on val)")
+    parser.add_argument("--score", action="store_true",
+                        help="score the runs already in --out-dir, training nothing: the test table, "
+                             "once, of the runs chosen on val")
     args = parser.parse_args(argv)
     args.out_dir = os.path.abspath(args.out_dir)  # the stages run from the repository root
     rows = []
     for seed in args.seeds:
-        rows.append(run_seed(seed, args.out_dir, args.split))
+        if not args.score:
+            run_seed(seed, args.out_dir)
+        rows.append(score_seed(seed, args.out_dir, args.split))
         row = rows[-1]
         print(f"seed {seed}: {args.split} exact match {row['accuracy']['all']:.1%} in {row['seconds']} s",
               flush=True)
