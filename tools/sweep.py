@@ -47,6 +47,9 @@ def run_seed(seed, out_dir):
     pt, sft = seed_dirs(seed, out_dir)
     steps = [["train_pt.py", "--seed", str(seed), "--out-dir", pt, "--no-progress"],
              ["train_sft.py", "--seed", str(seed), "--pt", pt, "--out-dir", sft, "--no-progress"]]
+    stale = os.path.join(sft, "answers_val.jsonl")  # an earlier run's, which score_seed would reuse
+    if os.path.exists(stale):
+        os.remove(stale)
     t0 = time.time()
     for step in steps:
         log = os.path.join(out_dir, f"seed{seed}", os.path.splitext(step[0])[0] + ".log")
