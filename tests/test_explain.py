@@ -55,9 +55,11 @@ def test_stage1_words_beat_a_random_projector(pipeline):
         random = explain.word_share(model, tokenizer, pipeline["shapes"], "test", k=3)
     assert trained["cells"] == random["cells"] == 9 * 40
     # "all": colour and shape both named, or "empty" for an empty cell. Which of the three the small
-    # pipeline's projector names best changes with the summation order; the whole stays well ahead
+    # pipeline's projector names best changes with the summation order; the whole stays well ahead.
+    # Shape alone is not compared: a random projector's tokens all sit near a few words, and when one
+    # of them is a shape word it names that shape by chance in every cell that holds it
     assert trained["all"] >= random["all"] + 0.2, (trained, random)
-    assert all(trained[a] > random[a] for a in ("color", "shape", "empty")), (trained, random)
+    assert all(trained[a] > random[a] for a in ("color", "empty")), (trained, random)
     # the projector was put back
     again = explain.word_share(model, tokenizer, pipeline["shapes"], "test", k=3)
     assert again == trained
