@@ -448,6 +448,38 @@ class LanguageModel(nn.Module):
         the graph as inputs instead of being recomputed in every layer, forward and backward."""
         self.model.compile(*args, **kwargs)
 
+    @torch.no_grad()
+    def stream(self, inputs_embeds, attention_mask=None, max_new_tokens=64, temperature=0.0,
+               top_p=1.0, eos_token_id=None, generator=None):
+        """Yield every row's next token, (B,), after left-padded prompts given as embeddings
+        (B, T, D), with a KV cache. A finished row repeats its end token (cut at it)."""
+        B, T, _ = inputs_embeds.shape
+        eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=inputs_embeds.device)
+        # under autocast the projections emit keys and values in the autocast dtype: cache in it too
+        kind = inputs_embeds.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else inputs_embeds.dtype
+        cache = KVCache(self.config, B, T + max_new_tokens, device=inputs_embeds.device, dtype=dtype)
+        mask = padding_mask(attention_mask)  # None: the cache gives positions and causality
+
+        def next_logits(mask, **inputs):  # -> (B, V)
+            # eagerly, even in a compiled model: the compiled body would recompile per cache length
+            with torch.compiler.set_stance("force_eager"):
+                return self(**inputs, attention_mask=mask, cache=cache, last_only=True)[:, -1]
+
+        logits = next_logits(mask, inputs_embeds=inputs_embeds)  # prefill
+        done = torch.zeros(B, dtype=torch.bool, device=inputs_embeds.device)
+        for i in range(max_new_tokens):
+            token = sample(logits, temperature, top_p, generator)  # (B,)
+            token = torch.where(done, eos[0] if len(eos) else token, token)
+            yield token
+            done |= torch.isin(token, eos)
+            if i == max_new_tokens - 1 or bool(done.all()):
+                return
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            logits = next_logits(mask, input_ids=token[:, None])
+
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
         """Load a LlamaForCausalLM / Qwen2ForCausalLM directory (one or sharded safetensors)."""
@@ -559,36 +591,12 @@ class TinyLlava(nn.Module):
     @torch.no_grad()
     def stream(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64,
                temperature=0.0, top_p=1.0, eos_token_id=None, generator=None):
-        """Yield every row's next token, (B,), with a KV cache. Prompts must be left-padded: all
-        rows' next tokens go in one column. A finished row repeats its end token (cut at it)."""
-        lm = self.language_model
+        """Yield every row's next token, (B,), with a KV cache (LanguageModel.stream). Prompts must
+        be left-padded: all rows' next tokens go in one column."""
         embeds, mask, _ = self.merge_inputs(input_ids, pixel_values, attention_mask)
-        B, T, _ = embeds.shape
-        eos = eos_token_id if eos_token_id is not None else lm.config.eos_token_id
-        eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=embeds.device)
-        # under autocast the projections emit keys and values in the autocast dtype: cache in it too
-        kind = embeds.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else embeds.dtype
-        cache = KVCache(lm.config, B, T + max_new_tokens, device=embeds.device, dtype=dtype)
-        mask = padding_mask(mask)  # None: the cache gives positions and causality, no mask to grow
-
-        def next_logits(mask, **inputs):  # -> (B, V)
-            # eagerly, even in a compiled model: the compiled body would recompile per cache length
-            with torch.compiler.set_stance("force_eager"):
-                return lm(**inputs, attention_mask=mask, cache=cache, last_only=True)[:, -1]
-
-        logits = next_logits(mask, inputs_embeds=embeds)  # prefill
-        done = torch.zeros(B, dtype=torch.bool, device=embeds.device)
-        for i in range(max_new_tokens):
-            token = sample(logits, temperature, top_p, generator)  # (B,)
-            token = torch.where(done, eos[0] if len(eos) else token, token)
-            yield token
-            done |= torch.isin(token, eos)
-            if i == max_new_tokens - 1 or bool(done.all()):
-                return
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            logits = next_logits(mask, input_ids=token[:, None])
+        yield from self.language_model.stream(
+            embeds, attention_mask=mask, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, eos_token_id=eos_token_id, generator=generator)
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64,
                  temperature=0.0, top_p=1.0, eos_token_id=None, generator=None):

@@ -321,8 +321,9 @@ def soft_embed(lm, words):
     weighs 0)."""
     B, T, W = words.shape
     flat = words.view(B * T, W)
-    E = F.embedding_bag(flat.clamp(min=0), lm.model.embed_tokens.weight,
-                        per_sample_weights=(flat >= 0).float(), mode="sum")
+    weight = lm.model.embed_tokens.weight
+    E = F.embedding_bag(flat.clamp(min=0), weight, per_sample_weights=(flat >= 0).to(weight.dtype),
+                        mode="sum")
     return E.view(B, T, -1)
 
 
@@ -335,30 +336,52 @@ def lm_loss(model, batch):
 
 
 @torch.no_grad()
-def reading_accuracy(lm, tok, data_dir, n=200, split="test"):
-    """Exact match of the stand-in LLM on the first n held-out questions of a split ("test" or "val")
-    with the scene given as soft words: what LLaVA could reach with a perfect projector (greedy, full
-    recompute: answers are a few tokens)."""
+def read_scenes(lm, tok, prompts, max_new_tokens):
+    """The stand-in LLM's greedy replies to prompts given as soft documents, all in one batch:
+    left-padded (a position with no id to sum weighs nothing and is masked), with a KV cache."""
+    T = max(map(len, prompts))
+    batch = pad_documents([[([-1], IGNORE_INDEX)] * (T - len(p)) + p for p in prompts])
+    device = lm.lm_head.weight.device
+    ends = [tok.token_to_id("<|im_end|>"), tok.eos_id]
+    training = lm.training
+    tokens = torch.stack(list(lm.eval().stream(soft_embed(lm, batch["words"].to(device)),
+                                               attention_mask=batch["attention_mask"].to(device),
+                                               max_new_tokens=max_new_tokens, eos_token_id=ends)), dim=1)
+    lm.train(training)
+    replies = []
+    for row in tokens.tolist():  # each row up to its first end token
+        replies.append(tok.decode(row[:next((k for k, t in enumerate(row) if t in ends), len(row))]))
+    return [r.strip() for r in replies]
+
+
+def reading_accuracy(lm, tok, data_dir, split="test"):
+    """(questions, descriptions): the stand-in LLM's exact match on a held-out split ("test" or
+    "val") with each scene given as soft words, what LLaVA could reach with a perfect projector: the
+    split's questions (one per image; {"all": share, and the share per question type}), and
+    "Describe the image." asked of each of its images."""
     images = json.load(open(os.path.join(data_dir, "meta.json")))["images"]
     meta = {m["image"]: m["objects"] for m in images}
-    words, end = attribute_words(tok), tok.token_to_id("<|im_end|>")
-    lm.eval()
-    correct = 0
-    samples = data.load_samples(os.path.join(data_dir, f"{split}.json"))[:n]
-    for s in samples:
-        ids = data.build_prompt(s["conversations"][:-1], tok, "chatml")
-        prompt = soft_document(ids, [IGNORE_INDEX] * len(ids), meta[s["image"]], words)
-        out = []
-        while len(out) < 8:
-            x = pad_documents([prompt + [([i], i) for i in out]])["words"]
-            x = x.to(lm.lm_head.weight.device)
-            nxt = lm(inputs_embeds=soft_embed(lm, x))[0, -1].argmax().item()
-            if nxt in (end, tok.eos_id):
-                break
-            out.append(nxt)
-        correct += tok.decode(out).strip() == s["conversations"][-1]["value"]
-    lm.train()
-    return correct / len(samples)
+    words = attribute_words(tok)
+
+    def correct(conversations, objects, max_new_tokens):
+        prompts = []
+        for turns, objs in zip(conversations, objects):
+            ids = data.build_prompt(turns[:-1], tok, "chatml")
+            prompts.append(soft_document(ids, [IGNORE_INDEX] * len(ids), objs, words))
+        replies = read_scenes(lm, tok, prompts, max_new_tokens)
+        return [r == turns[-1]["value"] for r, turns in zip(replies, conversations)]
+
+    samples = data.load_samples(os.path.join(data_dir, f"{split}.json"))
+    right = correct([s["conversations"] for s in samples], [meta[s["image"]] for s in samples], 8)
+    questions = {"all": sum(right) / len(right)}
+    for kind in sorted({s["type"] for s in samples}):
+        group = [r for r, s in zip(right, samples) if s["type"] == kind]
+        questions[kind] = sum(group) / len(group)
+    scenes = [m["objects"] for m in images if m["split"] == split]
+    describe = [shapes.chat_turns([("Describe the image.", shapes.caption(o))], image=True)
+                for o in scenes]
+    right = correct(describe, scenes, 64)
+    return questions, sum(right) / len(right)
 
 
 def train_llm(data_dir, out_dir, device, n_docs=LM_DOCS, seed=0, **overrides):
@@ -392,14 +415,19 @@ def train_llm(data_dir, out_dir, device, n_docs=LM_DOCS, seed=0, **overrides):
     train(model, train_set, collate_fn=pad_documents, loss_fn=lm_loss, cfg=tcfg, eval_set=eval_set,
           lengths=[len(d) for d in train_set])
     reading = {split: reading_accuracy(model, tok, data_dir, split=split) for split in ("val", "test")}
-    print(f"llm stand-in: answers {reading['test']:.1%} of held-out test questions "
-          f"({reading['val']:.1%} of validation ones) given the scene as soft words")
+    (test, test_describe), (val, val_describe) = reading["test"], reading["val"]
+    print(f"llm stand-in, given the scene as soft words: answers {test['all']:.1%} of the held-out test "
+          f"questions and describes {test_describe:.1%} of their images ({val['all']:.1%} and "
+          f"{val_describe:.1%} of the validation ones); validation questions by type: "
+          + ", ".join(f"{k} {v:.1%}" for k, v in val.items() if k != "all"))
     model.cpu().save_pretrained(path)
     write_json(os.path.join(path, "generation_config.json"),
                {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
                 "pad_token_id": tok.pad_id})
-    write_json(os.path.join(path, "reading.json"), {"seed": seed, "reading_accuracy": reading["test"],
-                                                    "val_reading_accuracy": reading["val"]})
+    write_json(os.path.join(path, "reading.json"), {
+        "seed": seed, "reading_accuracy": test["all"], "describe_accuracy": test_describe,
+        "reading_by_type": test, "val_reading_accuracy": val["all"],
+        "val_describe_accuracy": val_describe, "val_reading_by_type": val})
     return path
 
 

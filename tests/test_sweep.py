@@ -17,7 +17,7 @@ from tinyllava import InputError  # noqa: E402
 from tools import sweep  # noqa: E402
 
 
-def fake_run(out_dir, seed, reading, answers, turns, seconds):
+def fake_run(out_dir, seed, reading, describe, answers, turns, seconds):
     """The files a finished seed leaves: stage 1's config naming the stand-in LLM, its reading.json,
     stage 2's answer files and the wall time."""
     pt, sft = sweep.seed_dirs(seed, out_dir)
@@ -27,7 +27,8 @@ def fake_run(out_dir, seed, reading, answers, turns, seconds):
     with open(os.path.join(pt, "config.json"), "w") as f:
         json.dump({"tinyllava_sources": {"llm": llm}}, f)
     with open(os.path.join(llm, "reading.json"), "w") as f:
-        json.dump({"seed": seed, "reading_accuracy": reading, "val_reading_accuracy": 0.0}, f)
+        json.dump({"seed": seed, "reading_accuracy": reading, "describe_accuracy": describe,
+                   "val_reading_accuracy": 0.0, "val_describe_accuracy": 0.0}, f)
     for name, rows in (("answers.jsonl", answers), ("answers_chat.jsonl", turns)):
         with open(os.path.join(sft, name), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -39,9 +40,9 @@ def test_score_tables_the_runs_without_training(tmp_path, capsys):
     out = str(tmp_path)
     q = lambda kind, ok: {"type": kind, "correct": ok}  # noqa: E731
     t = lambda turn, ok: {"turn": turn, "correct": ok}  # noqa: E731
-    fake_run(out, 0, 0.9, [q("color", True), q("color", False), q("position", True)],
+    fake_run(out, 0, 0.9, 0.8, [q("color", True), q("color", False), q("position", True)],
              [t(1, False), t(2, True)], seconds=100)
-    fake_run(out, 1, 0.5, [q("color", True), q("color", True), q("position", False)],
+    fake_run(out, 1, 0.5, 0.6, [q("color", True), q("color", True), q("position", False)],
              [t(1, True), t(2, True)], seconds=300)
     sweep.main(["--score", "--out-dir", out, "--seeds", "0", "1"])
     rows = json.load(open(os.path.join(out, "sweep.json")))
@@ -50,9 +51,10 @@ def test_score_tables_the_runs_without_training(tmp_path, capsys):
     assert [r["conversation"] for r in rows] == [{"all": 0.5, "turn 1": 0.0, "turn 2": 1.0},
                                                  {"all": 1.0, "turn 1": 1.0, "turn 2": 1.0}]
     lines = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
-    # reading, all, color, position, chat all, turn 1, turn 2, time
-    assert lines["min"] == ["50.0%", "66.7%", "50.0%", "0.0%", "50.0%", "0.0%", "100.0%", "100s"]
-    assert lines["median"] == ["70.0%", "66.7%", "75.0%", "50.0%", "75.0%", "50.0%", "100.0%", "200s"]
+    # reading, describe, all, color, position, chat all, turn 1, turn 2, time
+    assert lines["min"] == ["50.0%", "60.0%", "66.7%", "50.0%", "0.0%", "50.0%", "0.0%", "100.0%", "100s"]
+    assert lines["median"] == ["70.0%", "70.0%", "66.7%", "75.0%", "50.0%", "75.0%", "50.0%", "100.0%",
+                               "200s"]
 
 
 def test_score_names_a_seed_that_has_not_run(tmp_path):

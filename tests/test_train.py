@@ -41,7 +41,14 @@ import train  # noqa: E402
 import train_pt  # noqa: E402
 from chat import evaluate  # noqa: E402
 from offline import standins  # noqa: E402
-from tinyllava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, InputError, TinyLlava, shifted_cross_entropy  # noqa: E402
+from tinyllava import (  # noqa: E402
+    IGNORE_INDEX,
+    IMAGE_TOKEN_INDEX,
+    InputError,
+    LanguageModel,
+    TinyLlava,
+    shifted_cross_entropy,
+)
 
 
 def free_port():
@@ -52,7 +59,7 @@ def free_port():
 
 
 def test_standins_are_hf_checkpoints(pipeline):
-    from tinyllava import LanguageModel, VisionTower
+    from tinyllava import VisionTower
 
     tower = VisionTower.from_pretrained(pipeline["vision"])  # select_layer=-2 of the 3 saved layers
     assert len(tower.encoder.layers) == standins.VISION.num_hidden_layers - 1
@@ -265,7 +272,6 @@ def test_non_finite_loss_stops_training_naming_the_step(tmp_path):
 def test_soft_words_are_summed_and_never_trained(pipeline):
     """The stand-in LLM reads an image as 9 soft words (summed embeddings of the words naming each
     cell, a shape also in its plural)."""
-    from tinyllava import LanguageModel
 
     tok = data.load_tokenizer(pipeline["llm"])
     words = standins.attribute_words(tok)
@@ -299,6 +305,34 @@ def test_soft_words_are_summed_and_never_trained(pipeline):
                 attention_mask=batch["attention_mask"])
     assert (n == len(text) - 1
             and torch.allclose(loss / n, shifted_cross_entropy(logits, batch["labels"])))
+
+
+def test_stand_in_reads_a_batch_as_it_reads_each_prompt(pipeline):
+    """read_scenes answers left-padded prompts of different lengths in one batch with a KV cache:
+    the replies must be those of a greedy full recompute of each prompt alone (in float64, so that
+    no near tie can flip an argmax)."""
+    lm = LanguageModel.from_pretrained(pipeline["llm"]).double()
+    tok = data.load_tokenizer(pipeline["llm"])
+    words, ends = standins.attribute_words(tok), (tok.token_to_id("<|im_end|>"), tok.eos_id)
+    meta = json.load(open(os.path.join(pipeline["shapes"], "meta.json")))["images"]
+    questions = data.load_samples(os.path.join(pipeline["shapes"], "test.json"))[:6]
+    objects = {m["image"]: m["objects"] for m in meta}
+    prompts = []
+    for s in questions:
+        ids = data.build_prompt(s["conversations"][:-1], tok, "chatml")
+        prompts.append(standins.soft_document(ids, [IGNORE_INDEX] * len(ids), objects[s["image"]], words))
+    assert len({len(p) for p in prompts}) > 1  # the batch needs padding
+    want = []
+    for prompt in prompts:
+        out = []
+        while len(out) < 12:
+            x = standins.pad_documents([prompt + [([i], i) for i in out]])["words"]
+            nxt = lm(inputs_embeds=standins.soft_embed(lm, x))[0, -1].argmax().item()
+            if nxt in ends:
+                break
+            out.append(nxt)
+        want.append(tok.decode(out).strip())
+    assert any(want) and standins.read_scenes(lm, tok, prompts, max_new_tokens=12) == want
 
 
 def test_stage0_follows_the_seed(pipeline, tmp_path):

@@ -8,15 +8,16 @@ data order?
 
 Each seed runs `train_pt.py --seed S` then `train_sft.py --seed S` (stage 0's stand-ins, stage 1 and
 stage 2 all drawn from that seed; the shapes data set and its held-out questions are the same for
-every seed), then prints one row per seed: the stand-in LLM's reading accuracy (the held-out
-questions with the scene given as soft words: what a perfect projector would reach), the held-out
+every seed), then prints one row per seed: the stand-in LLM given each held-out scene as soft words
+(what a perfect projector would reach), answering the held-out questions ("reading") and describing
+the images ("describe"), the held-out
 exact match overall and per question type, the held-out conversations' exact match overall and per
 turn (test_chat.json, each turn after the model's own earlier answers), and the wall time; then the
 minimum and median over the seeds. The table is also written to OUT_DIR/sweep.json
 (sweep_val.json with --split val).
 
 --split val scores the validation split instead (val.json, 400 other images, one question each, and
-the stand-in's reading accuracy on its first 200): a recipe change is chosen there, and the test table is
+the stand-in's reading of them): a recipe change is chosen there, and the test table is
 looked at once, for the recipe chosen. train_sft.py still answers the test files after training (as
 the offline pipeline always does); --split val only reads the validation answers, and
 `--score` then prints the test table of those same runs without training them again:
@@ -80,11 +81,12 @@ def score_seed(seed, out_dir, split="test"):
             subprocess.run([sys.executable, "chat.py", "eval", "--model", sft, "--data", data_file,
                             "--out", answers], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         return dict(seed=seed, reading=reading["val_reading_accuracy"],
-                    accuracy=exact_match(answers, "type"), seconds=seconds)
+                    describe=reading["val_describe_accuracy"], accuracy=exact_match(answers, "type"),
+                    seconds=seconds)
     accuracy = exact_match(os.path.join(sft, "answers.jsonl"), "type")
     conversation = exact_match(os.path.join(sft, "answers_chat.jsonl"), "turn")
-    return dict(seed=seed, reading=reading["reading_accuracy"], accuracy=accuracy,
-                conversation=conversation, seconds=seconds)
+    return dict(seed=seed, reading=reading["reading_accuracy"], describe=reading["describe_accuracy"],
+                accuracy=accuracy, conversation=conversation, seconds=seconds)
 
 
 def exact_match(answers_file, by):
@@ -105,7 +107,7 @@ def read_sources(pt_dir):
 
 def print_table(rows):
     """One line per seed, then the minimum and the median of every column."""
-    columns = {"reading": lambda r: r["reading"]}
+    columns = {"reading": lambda r: r["reading"], "describe": lambda r: r["describe"]}
     columns.update({t: lambda r, t=t: r["accuracy"][t] for t in rows[0]["accuracy"]})
     columns.update({("chat " + t if t == "all" else t): lambda r, t=t: r["conversation"][t]
                     for t in rows[0].get("conversation", {})})
