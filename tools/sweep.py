@@ -10,11 +10,10 @@ Each seed runs `train_pt.py --seed S` then `train_sft.py --seed S` (stage 0's st
 stage 2 all drawn from that seed; the shapes data set and its held-out questions are the same for
 every seed), then prints one row per seed: the stand-in LLM given each held-out scene as soft words
 (what a perfect projector would reach), answering the held-out questions ("reading") and describing
-the images ("describe"), the held-out
-exact match overall and per question type, the held-out conversations' exact match overall and per
-turn (test_chat.json, each turn after the model's own earlier answers), and the wall time; then the
-minimum and median over the seeds. The table is also written to OUT_DIR/sweep.json
-(sweep_val.json with --split val).
+the images ("describe"); the held-out exact match overall and per question type, the held-out
+conversations' exact match overall and per turn (test_chat.json, each turn after the model's own
+earlier answers), and the wall time; then the minimum and median over the seeds. The table is also
+written to OUT_DIR/sweep.json (sweep_val.json with --split val).
 
 --split val scores the validation split instead (val.json, 400 other images, one question each, and
 the stand-in's reading of them): a recipe change is chosen there, and the test table is
