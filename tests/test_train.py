@@ -272,7 +272,6 @@ def test_non_finite_loss_stops_training_naming_the_step(tmp_path):
 def test_soft_words_are_summed_and_never_trained(pipeline):
     """The stand-in LLM reads an image as 9 soft words (summed embeddings of the words naming each
     cell, a shape also in its plural)."""
-
     tok = data.load_tokenizer(pipeline["llm"])
     words = standins.attribute_words(tok)
     scene = standins.soft_scene([dict(shape="circle", color="red", size="large", cell=0)], words)
