@@ -85,7 +85,11 @@ def ask(kind, objects, rng, hard=False):
     here. hard=True asks "is there a ...?" about absent objects that share a colour or a shape with
     one that is there, when possible: the questions that only a colour-and-shape match answers."""
     count = lambda **kw: sum(all(o[k] == v for k, v in kw.items()) for o in objects)  # noqa: E731
-    unique = lambda *keys: [o for o in objects if count(**{k: o[k] for k in keys}) == 1]  # noqa: E731
+
+    def unique(*keys):  # the objects that no other shares these attributes with
+        values = [tuple(o[k] for k in keys) for o in objects]
+        return [o for o, v in zip(objects, values) if values.count(v) == 1]
+
     if kind == "color" and unique("shape"):
         o = rng.choice(unique("shape"))
         return f"What color is the {o['shape']}?", o["color"]
@@ -110,9 +114,11 @@ def ask(kind, objects, rng, hard=False):
         if rng.random() < 0.5:  # half the time ask about an object that is there
             o = rng.choice(objects)
             return f"Is there a {o['color']} {o['shape']}?", "yes"
-        absent = [(c, s) for c in COLORS for s in SHAPES if not count(color=c, shape=s)]
+        present = [(o["color"], o["shape"]) for o in objects]
+        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
         if hard:
-            absent = [(c, s) for c, s in absent if count(color=c) or count(shape=s)] or absent
+            colors, kinds = {c for c, _ in present}, {s for _, s in present}
+            absent = [(c, s) for c, s in absent if c in colors or s in kinds] or absent
         c, s = rng.choice(absent)
         return f"Is there a {c} {s}?", "no"
     return None

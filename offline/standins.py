@@ -28,12 +28,14 @@ Run alone: python -m offline.standins [--data-dir data/shapes] [--out-dir runs/s
 """
 
 import argparse
+import functools
 import json
 import os
 import random
 import time
 from dataclasses import replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -255,6 +257,9 @@ def lm_documents(data_dir, tok, n, seed=0):
     meta = json.load(open(os.path.join(data_dir, "meta.json")))
     held_out = {scene_key(m["objects"]) for m in meta["images"] if m["split"] != "train"}
     words, rng, docs = attribute_words(tok), random.Random(seed), []
+    # tokenize_conversation's pieces, each text encoded once: the template's and the questions'
+    # texts repeat in nearly every document
+    encode = functools.cache(tok.encode)
     while len(docs) < n:
         kind, objects = rng.random(), None
         if kind < 0.1:
@@ -271,7 +276,8 @@ def lm_documents(data_dir, tok, n, seed=0):
                 qas = shapes.random_questions(objects, rng, n_turns=LM_TURNS, hard=True,
                                               describe=LM_DESCRIBE, distinct=True)
                 conversation, template = shapes.chat_turns(qas, image=True), "chatml"
-        ids, labels = data.tokenize_conversation(conversation, tok, template)
+        pieces = data.conversation_pieces(conversation, tok, template)
+        ids, labels = data.assemble(pieces, [encode(p) for p, _ in pieces if isinstance(p, str)])
         # every document ends with a trained end token: the model learns where text stops
         docs.append(soft_document(ids + [tok.eos_id], labels + [tok.eos_id], objects, words))
     return docs
@@ -307,12 +313,20 @@ def train_tokenizer(texts, path, vocab_size):
 def pad_documents(docs):
     """A batch of documents, right-padded: words (B, T, W) with -1 where a position has fewer ids to
     sum, labels (B, T), attention_mask (B, T). One document per row, unlike nanoGPT's packed blocks:
-    a question must be answered from its own scene, not from the one before it in the block."""
+    a question must be answered from its own scene, not from the one before it in the block. Built
+    column by column, since this runs before every step: a text position holds one id, so only the
+    9 soft words of a scene need a row of their own."""
     T, W = max(len(d) for d in docs), max(len(ids) for d in docs for ids, _ in d)
-    words = torch.tensor([[ids + [-1] * (W - len(ids)) for ids, _ in d] + [[-1] * W] * (T - len(d))
-                          for d in docs])
-    labels = torch.tensor([[label for _, label in d] + [IGNORE_INDEX] * (T - len(d)) for d in docs])
-    return dict(words=words, labels=labels, attention_mask=(words[..., 0] >= 0).long())
+    words = np.full((len(docs), T, W), -1, dtype=np.int64)
+    labels = np.full((len(docs), T), IGNORE_INDEX, dtype=np.int64)
+    for b, d in enumerate(docs):
+        words[b, :len(d), 0] = [ids[0] for ids, _ in d]
+        labels[b, :len(d)] = [label for _, label in d]
+        for t, (ids, _) in enumerate(d):
+            if len(ids) > 1:
+                words[b, t, :len(ids)] = ids
+    words = torch.from_numpy(words)
+    return dict(words=words, labels=torch.from_numpy(labels), attention_mask=(words[..., 0] >= 0).long())
 
 
 def soft_embed(lm, words):
