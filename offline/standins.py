@@ -79,7 +79,8 @@ VISION_TRAIN = dict(lr=3e-3, epochs=24, batch_size=64, micro_batch_size=64, warm
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # 8 heads of 32 (the attention twice as wide as the residual stream), not 4: with 4, some
 # initialisations never learn to find an object by its shape and its colour together and answer
-# with a neighbour's attribute (docs/results.md); the MLP is narrowed to 2x to pay for them
+# with another object's attribute (docs/results.md); an MLP of 2x the width, not 3x, pays for part
+# of their time
 LM = dict(model_type="llama", vocab_size=800, hidden_size=128, intermediate_size=256,
           num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8, head_dim=32,
           max_position_embeddings=256, tie_word_embeddings=True)
