@@ -54,8 +54,8 @@ def test_lora_trains_adapters_only_and_saves_a_merged_model(pipeline, tmp_path, 
         else:
             assert torch.equal(saved, w), name
     # it learned: its held-out loss is below the start's on the same held-out conversations (the same
-    # command at lr 0, one step, changes nothing); a first training batch's loss is no yardstick, the
-    # batches' losses range over several times
+    # command at lr 0, one step, changes nothing); a first training batch's loss is no yardstick:
+    # the batches' losses differ several-fold
     start = str(tmp_path / "start")
     train_sft.main(sft_args(pipeline, start, "--lora-r", "4", *targets, "--lr", "0", "--max-steps", "1",
                             "--eval-every", "1"))
