@@ -194,13 +194,14 @@ def one_question(i, objects, rng):
 
 
 def make_held_out(out_dir, seed=0, n_val=400, n_questions=3):
-    """Add two held-out files to a shapes data set, each from its own random stream, so that the images
-    and files make_shapes wrote stay as they are (meta.json gains the validation images):
+    """Add three held-out files to a shapes data set, each from its own random stream, so that the
+    images and files make_shapes wrote stay as they are (meta.json gains the validation images):
     - val.json: n_val new images (images/val-*.png) with one question each, like test.json, for
       choosing between recipes; the test set is then scored once, with the recipe chosen;
     - test_chat.json: one conversation per test image, a description and then n_questions questions
       of different kinds, each turn typed ("types"), to be answered after the model's own earlier
-      answers (chat.evaluate_model), as a student chats."""
+      answers (chat.evaluate_model), as a student chats;
+    - val_chat.json: the same about the validation images, to choose on."""
     with open(os.path.join(out_dir, "meta.json")) as f:
         meta = json.load(f)
     meta["images"] = [m for m in meta["images"] if m["split"] != "val"]
@@ -214,9 +215,22 @@ def make_held_out(out_dir, seed=0, n_val=400, n_questions=3):
         kind, q, a = one_question(i, objects, rng)
         val.append(dict(id=f"val-{i:05d}", image=image, type=kind,
                         conversations=chat_turns([(q, a)], image=True)))
-    rng = random.Random(f"chat-{seed}")
+    files = {"val": val}
+    for split, name, stream in (("test", "test_chat", "chat"), ("val", "val_chat", "val-chat")):
+        images = [m for m in meta["images"] if m["split"] == split]
+        files[name] = held_out_chats(images, random.Random(f"{stream}-{seed}"), n_questions)
+    for name, samples in files.items():
+        write_samples(os.path.join(out_dir, f"{name}.json"), samples)
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return {name: len(samples) for name, samples in files.items()}
+
+
+def held_out_chats(images, rng, n_questions):
+    """One conversation per image (meta.json's entries): "Describe the image." and then n_questions
+    questions, the kinds taking turns from image to image, none asked twice."""
     chats = []
-    for i, m in enumerate(m for m in meta["images"] if m["split"] == "test"):
+    for i, m in enumerate(images):
         qas, types = [("Describe the image.", caption(m["objects"]))], ["describe"]
         for kind in QUESTION_KINDS[i % len(QUESTION_KINDS):] + QUESTION_KINDS:
             qa = ask(kind, m["objects"], rng) if len(qas) <= n_questions else None
@@ -225,11 +239,7 @@ def make_held_out(out_dir, seed=0, n_val=400, n_questions=3):
                 types.append(kind)
         chats.append(dict(id=f"chat-{os.path.basename(m['image'])[:-4]}", image=m["image"], types=types,
                           conversations=chat_turns(qas, image=True)))
-    for name, samples in [("val", val), ("test_chat", chats)]:
-        write_samples(os.path.join(out_dir, f"{name}.json"), samples)
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    return dict(val=len(val), test_chat=len(chats))
+    return chats
 
 
 def write_samples(file, samples):

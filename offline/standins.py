@@ -455,7 +455,7 @@ def ensure_shapes(data_dir=DATA_DIR, n_images=N_IMAGES):
     t0 = time.time()
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
         counts = shapes.make_shapes(data_dir, n_images=n_images, size=IMAGE_SIZE)
-    elif not os.path.exists(os.path.join(data_dir, "test_chat.json")):
+    elif not os.path.exists(os.path.join(data_dir, "val_chat.json")):
         counts = shapes.make_held_out(data_dir, n_val=round(n_images * 0.1))
     else:
         return data_dir

@@ -436,6 +436,18 @@ def test_tokenized_data_set_is_cached_for_the_next_run(folder, tok, tmp_path, mo
         data.ConversationDataset(file, tok, "vicuna_v1", max_len=500, cache_dir=str(cache))
 
 
+def test_cached_data_set_still_finds_its_images(folder, tok, tmp_path):
+    """An image deleted after the data set was tokenized fails when the cache is loaded, naming the
+    sample and the file, not steps later in a loader worker."""
+    cache, file = tmp_path / "cache", str(folder / "train.json")
+    first = data.ConversationDataset(file, tok, "vicuna_v1", cache_dir=str(cache))
+    sample_id, image = first.ids[0].decode(), first.images[0].decode()
+    os.remove(image)
+    message = f"train.json: sample {sample_id}: image not found: .*{os.path.basename(image)}"
+    with pytest.raises(data.DataError, match=message):
+        data.ConversationDataset(file, tok, "vicuna_v1", cache_dir=str(cache))
+
+
 def test_truncation_skips_are_counted(folder, tok, capsys):
     ids, labels = data.tokenize_conversation(TEXT_CONV[1:], tok, "vicuna_v1")
     # s3 loses every target
@@ -575,9 +587,10 @@ def gold(question, objects):
 def test_make_shapes(tmp_path, tok):
     counts = shapes.make_shapes(str(tmp_path / "a"), n_images=90, seed=3)
     shapes.main([str(tmp_path / "b"), "--n-images", "90", "--seed", "3"])
-    names = ["captions.json", "instruct.json", "test.json", "meta.json", "val.json", "test_chat.json"]
+    names = ["captions.json", "instruct.json", "test.json", "meta.json", "val.json", "test_chat.json",
+             "val_chat.json"]
     files = names + ["images/" + f for f in sorted(os.listdir(tmp_path / "a" / "images"))]
-    assert (len(files) == 6 + 90 + 9  # 9 validation images, as many as test images
+    assert (len(files) == 7 + 90 + 9  # 9 validation images, as many as test images
             and sorted(os.listdir(tmp_path / "a")) == sorted(names + ["images"]))
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
@@ -627,17 +640,19 @@ def test_make_shapes(tmp_path, tok):
     for s in val:
         assert gold(s["conversations"][0]["value"].removeprefix("<image>\n"), objects[s["image"]]) == \
             s["conversations"][1]["value"]
-    # the held-out conversations: one per test image, a caption then typed questions, all answers right
-    chats = json.loads((tmp_path / "a" / "test_chat.json").read_text())
-    assert [s["image"] for s in chats] == [s["image"] for s in test]
-    for s in chats:
-        turns = s["conversations"]
-        assert len(s["types"]) == len(turns) // 2 >= 3 and s["types"][0] == "describe"
-        assert turns[1]["value"] == shapes.caption(objects[s["image"]])
-        for q, a in zip(turns[2::2], turns[3::2]):
-            assert gold(q["value"], objects[s["image"]]) == a["value"]
-        assert len({q["value"] for q in turns[::2]}) == len(turns) // 2  # no question asked twice
-    for name in ("val", "test_chat"):
+    # the held-out conversations: one per test (validation) image, a caption then typed questions,
+    # all answers right
+    for name, questions in (("test_chat", test), ("val_chat", val)):
+        chats = json.loads((tmp_path / "a" / f"{name}.json").read_text())
+        assert [s["image"] for s in chats] == [s["image"] for s in questions]
+        for s in chats:
+            turns = s["conversations"]
+            assert len(s["types"]) == len(turns) // 2 >= 3 and s["types"][0] == "describe"
+            assert turns[1]["value"] == shapes.caption(objects[s["image"]])
+            for q, a in zip(turns[2::2], turns[3::2]):
+                assert gold(q["value"], objects[s["image"]]) == a["value"]
+            assert len({q["value"] for q in turns[::2]}) == len(turns) // 2  # no question asked twice
+    for name in ("val", "test_chat", "val_chat"):
         ds = data.ConversationDataset(str(tmp_path / "a" / f"{name}.json"), tok, "chatml")
         assert ds[0]["input_ids"].numel() > 0
     test_texts = set(standins.iter_texts(str(tmp_path / "a" / "test.json")))

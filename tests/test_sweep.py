@@ -17,9 +17,10 @@ from tinyllava import InputError  # noqa: E402
 from tools import sweep  # noqa: E402
 
 
-def fake_run(out_dir, seed, reading, describe, answers, turns, seconds):
+def fake_run(out_dir, seed, reading, describe, answers, turns, seconds, val=None):
     """The files a finished seed leaves: stage 1's config naming the stand-in LLM, its reading.json,
-    stage 2's answer files and the wall time."""
+    stage 2's answer files and the wall time; val: (reading, describe, answers, turns) of the
+    validation split, which a --split val sweep scored."""
     pt, sft = sweep.seed_dirs(seed, out_dir)
     llm = os.path.join(out_dir, f"standins-{seed}", "llm")
     for d in (pt, sft, llm):
@@ -28,8 +29,11 @@ def fake_run(out_dir, seed, reading, describe, answers, turns, seconds):
         json.dump({"tinyllava_sources": {"llm": llm}}, f)
     with open(os.path.join(llm, "reading.json"), "w") as f:
         json.dump({"seed": seed, "reading_accuracy": reading, "describe_accuracy": describe,
-                   "val_reading_accuracy": 0.0, "val_describe_accuracy": 0.0}, f)
-    for name, rows in (("answers.jsonl", answers), ("answers_chat.jsonl", turns)):
+                   "val_reading_accuracy": val[0] if val else 0.0,
+                   "val_describe_accuracy": val[1] if val else 0.0}, f)
+    files = [("answers.jsonl", answers), ("answers_chat.jsonl", turns)]
+    files += [("answers_val.jsonl", val[2]), ("answers_val_chat.jsonl", val[3])] if val else []
+    for name, rows in files:
         with open(os.path.join(sft, name), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     with open(os.path.join(out_dir, f"seed{seed}", "time.json"), "w") as f:
@@ -60,3 +64,19 @@ def test_score_tables_the_runs_without_training(tmp_path, capsys):
 def test_score_names_a_seed_that_has_not_run(tmp_path):
     with pytest.raises(InputError, match="seed 3: no finished run"):
         sweep.main(["--score", "--out-dir", str(tmp_path), "--seeds", "3"])
+
+
+def test_val_split_scores_the_validation_files(tmp_path, capsys):
+    """--split val tables the validation questions and conversations, never the test ones."""
+    out = str(tmp_path)
+    q = lambda kind, ok: {"type": kind, "correct": ok}  # noqa: E731
+    t = lambda turn, ok: {"turn": turn, "correct": ok}  # noqa: E731
+    fake_run(out, 0, 0.9, 0.8, [q("color", True)], [t(1, True)], seconds=100,
+             val=(0.7, 0.6, [q("count", False), q("count", True)], [t(1, False), t(1, True), t(2, False)]))
+    sweep.main(["--score", "--split", "val", "--out-dir", out, "--seeds", "0"])
+    [row] = json.load(open(os.path.join(out, "sweep_val.json")))
+    assert (row["reading"], row["describe"]) == (0.7, 0.6)
+    assert row["accuracy"] == {"all": 0.5, "count": 0.5}
+    assert row["conversation"] == {"all": 1 / 3, "turn 1": 0.5, "turn 2": 0.0}
+    assert capsys.readouterr().out.splitlines()[-1].split() == [
+        "median", "70.0%", "60.0%", "50.0%", "50.0%", "33.3%", "50.0%", "0.0%", "100s"]

@@ -15,11 +15,12 @@ conversations' exact match overall and per turn (test_chat.json, each turn after
 earlier answers), and the wall time; then the minimum and median over the seeds. The table is also
 written to OUT_DIR/sweep.json (sweep_val.json with --split val).
 
---split val scores the validation split instead (val.json, 400 other images, one question each, and
-the stand-in's reading of them): a recipe change is chosen there, and the test table is
-looked at once, for the recipe chosen. train_sft.py still answers the test files after training (as
-the offline pipeline always does); --split val only reads the validation answers, and
-`--score` then prints the test table of those same runs without training them again:
+--split val scores the validation split instead (val.json, 400 other images, one question each;
+val_chat.json, a conversation about each; and the stand-in's reading of them): a recipe change is
+chosen there, and the test table is looked at once, for the recipe chosen. train_sft.py still answers
+the test files after training (as the offline pipeline always does); --split val only reads the
+validation answers, and `--score` then prints the test table of those same runs without training
+them again:
 
     python -m tools.sweep --split val && python -m tools.sweep --score
 """
@@ -47,9 +48,10 @@ def run_seed(seed, out_dir):
     pt, sft = seed_dirs(seed, out_dir)
     steps = [["train_pt.py", "--seed", str(seed), "--out-dir", pt, "--no-progress"],
              ["train_sft.py", "--seed", str(seed), "--pt", pt, "--out-dir", sft, "--no-progress"]]
-    stale = os.path.join(sft, "answers_val.jsonl")  # an earlier run's, which score_seed would reuse
-    if os.path.exists(stale):
-        os.remove(stale)
+    # an earlier run's validation answers, which score_seed would reuse
+    for name in ("answers_val.jsonl", "answers_val_chat.jsonl"):
+        if os.path.exists(os.path.join(sft, name)):
+            os.remove(os.path.join(sft, name))
     t0 = time.time()
     for step in steps:
         log = os.path.join(out_dir, f"seed{seed}", os.path.splitext(step[0])[0] + ".log")
@@ -74,14 +76,18 @@ def score_seed(seed, out_dir, split="test"):
     with open(os.path.join(read_sources(pt)["llm"], "reading.json")) as f:
         reading = json.load(f)
     if split == "val":
-        answers = os.path.join(sft, "answers_val.jsonl")
-        if not os.path.exists(answers):
-            data_file = os.path.join(ROOT, "data", "shapes", "val.json")
-            subprocess.run([sys.executable, "chat.py", "eval", "--model", sft, "--data", data_file,
-                            "--out", answers], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        answers = {}
+        for name, max_new_tokens in (("val", 32), ("val_chat", 64)):  # a description is long
+            answers[name] = os.path.join(sft, f"answers_{name}.jsonl")
+            if not os.path.exists(answers[name]):
+                data_file = os.path.join(ROOT, "data", "shapes", f"{name}.json")
+                subprocess.run([sys.executable, "chat.py", "eval", "--model", sft, "--data", data_file,
+                                "--out", answers[name], "--max-new-tokens", str(max_new_tokens)],
+                               cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         return dict(seed=seed, reading=reading["val_reading_accuracy"],
-                    describe=reading["val_describe_accuracy"], accuracy=exact_match(answers, "type"),
-                    seconds=seconds)
+                    describe=reading["val_describe_accuracy"],
+                    accuracy=exact_match(answers["val"], "type"),
+                    conversation=exact_match(answers["val_chat"], "turn"), seconds=seconds)
     accuracy = exact_match(os.path.join(sft, "answers.jsonl"), "type")
     conversation = exact_match(os.path.join(sft, "answers_chat.jsonl"), "turn")
     return dict(seed=seed, reading=reading["reading_accuracy"], describe=reading["describe_accuracy"],
