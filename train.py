@@ -127,6 +127,31 @@ def init_distributed():
     return rank, world, device
 
 
+def is_main():
+    """Whether this is the process that writes files and prints: process 0, or the only one."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    """Wait until every process is here (nothing to wait for in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def first_process_first(fn):
+    """fn() in the first process of each machine, then in the others, which find on disk what it made
+    (a data set, a tokenized cache) instead of making it at the same time. Each process passes the
+    barrier once, so an error in the first stops the others too, with the same message."""
+    if not dist.is_initialized():
+        return fn()
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    try:
+        result = fn() if first else None
+    finally:
+        barrier()
+    return result if first else fn()
+
+
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
@@ -271,7 +296,10 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
         raw.compile()  # in place: parameter names stay the same (no "_orig_mod." prefix)
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=device_ids)
+        # a micro-batch of text-only conversations gives the projector (and a trained vision tower) no
+        # gradient: DDP must look for such parameters, or it waits for their gradients forever
+        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=device_ids,
+                                                          find_unused_parameters=True)
     bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if cfg.batch_size % world:
@@ -411,15 +439,14 @@ def evaluate(model, raw, loader, loss_fn, autocast):
 
 def save_checkpoint(file, step, run_id, trainable, optimizer):
     """The trained weights, the optimizer and the RNG states after `step` (process 0 writes it)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_main():
         cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
         rng = {"cpu": torch.get_rng_state(), "cuda": cuda_rng}
         state = dict(step=step, run=run_id, model={n: p.detach() for n, p in trainable.items()},
                      optimizer=optimizer.state_dict(), rng=rng)
         torch.save(state, file + ".tmp")
         os.replace(file + ".tmp", file)  # atomic: a kill mid-write leaves the previous checkpoint
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
 
 
 def resume(ckpt_file, log_file, run_id, trainable, optimizer, device, master):

@@ -22,7 +22,6 @@ from dataclasses import asdict, replace
 from functools import partial
 
 import torch
-import torch.distributed as dist
 
 import chat
 import data
@@ -61,13 +60,13 @@ def main(argv=None):
     args = parse_stage_args(parser, argv, recipe=RECIPE, offline_recipe=OFFLINE,
                             is_offline=lambda a: a.vision is None and a.llm is None)
     offline = args.vision is None and args.llm is None
-    if offline:
-        args.data = args.data or os.path.join(standins.ensure_shapes(), "captions.json")
-        args.vision, args.llm = standins.ensure_standins(seed=args.seed, progress=args.progress)
-    elif None in (args.vision, args.llm, args.data):
+    if None in (args.vision, args.llm, args.data) and not offline:
         parser.error("with real weights, give --vision, --llm and --data")
-
     rank, _, device = train.init_distributed()
+    if offline:  # under torchrun, the processes train the stand-ins together
+        args.data = args.data or os.path.join(train.first_process_first(standins.ensure_shapes),
+                                              "captions.json")
+        args.vision, args.llm = standins.ensure_standins(seed=args.seed, progress=args.progress)
     torch.manual_seed(args.seed)  # the projector's initialisation
     model = TinyLlava.from_parts(args.vision, args.llm, args.projector, device=device)
     model.chat = asdict(data.ChatConfig(TEMPLATE, image_settings(args.vision)))
@@ -188,17 +187,8 @@ def llava_datasets(model, args, tokenizer):
                                         max_len=context - model.vision_tower.num_tokens + 1,
                                         cache_dir=args.cache_dir)
 
-    # with a cache, the first process of each machine tokenizes, the others load its arrays; each process
-    # passes the barrier once, so a bad sample stops all of them with the same message
-    if dist.is_initialized() and args.cache_dir is not None:
-        first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-        try:
-            full = dataset() if first else None
-        finally:
-            dist.barrier()
-        full = dataset() if full is None else full
-    else:
-        full = dataset()
+    # with a cache, the first process of each machine tokenizes, the others load its arrays
+    full = dataset() if args.cache_dir is None else train.first_process_first(dataset)
     k = round(1 / args.eval_frac) if args.eval_frac > 0 else len(full) + 1
     held = [i for i in range(len(full)) if i % k == k - 1]
     kept = [i for i in range(len(full)) if i % k != k - 1]

@@ -58,7 +58,7 @@ from tinyllava import (
     trained_cross_entropy,
     write_json,
 )
-from train import TrainConfig, init_distributed, train
+from train import TrainConfig, barrier, init_distributed, is_main, train
 
 DATA_DIR, OUT_DIR = "data/shapes", "runs/standins"
 N_IMAGES, IMAGE_SIZE = 4000, 48  # 3,600 training images + 400 held out; 48 px = 3 cells of 16 px
@@ -136,8 +136,9 @@ def cell_targets(objects, side=3):
 def cell_loss(model, batch):
     logits = model(batch["pixel_values"])  # (B, N, C)
     targets = batch["labels"]  # (B, N, 4)
+    n_classes = getattr(model, "module", model).n_classes  # model may be a DDP wrapper
     loss = sum(F.cross_entropy(part.reshape(-1, part.size(-1)), t.reshape(-1), reduction="sum")
-               for part, t in zip(logits.split(model.n_classes, dim=-1), targets.unbind(-1)))
+               for part, t in zip(logits.split(n_classes, dim=-1), targets.unbind(-1)))
     return loss, targets.numel(), targets.shape[0] * targets.shape[1]
 
 
@@ -176,12 +177,14 @@ def train_vision(data_dir, out_dir, device, patch_size=VISION.patch_size, seed=0
         logits = model(batch["pixel_values"].to(device))
         pred = torch.stack([p.argmax(-1) for p in logits.split(n_classes, -1)], -1)
         acc = (pred.cpu() == batch["labels"]).float().mean((0, 1))
+    path = os.path.join(out_dir, "vision")
+    if not is_main():  # under torchrun, process 0 writes
+        return path, acc
     accuracies = ", ".join(f"{k} {a:.1%}" for k, a in zip(("shape", "color", "size", "cell"), acc))
     print("vision stand-in, held-out cell accuracy: " + accuracies)
     tower = model.tower.cpu()
     # CLIP's last layer, which LLaVA skips
     tower.encoder.layers.append(VisionLayer(config).apply(init_weights))
-    path = os.path.join(out_dir, "vision")
     tower.save_pretrained(path)
     # what CLIPImageProcessor needs to read the images
     write_json(os.path.join(path, "preprocessor_config.json"), {
@@ -304,13 +307,15 @@ def train_tokenizer(texts, path, vocab_size):
                                   show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    os.makedirs(path, exist_ok=True)
-    tok.save(os.path.join(path, "tokenizer.json"))
-    eot = SPECIAL[0]
-    # as SmolLM2 / Qwen2: no BOS is prepended
-    write_json(os.path.join(path, "tokenizer_config.json"), {
-        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "bos_token": eot,
-        "eos_token": eot, "pad_token": eot, "model_max_length": LM["max_position_embeddings"]})
+    if is_main():  # under torchrun every process trains the same tokenizer, and process 0 writes it
+        os.makedirs(path, exist_ok=True)
+        tok.save(os.path.join(path, "tokenizer.json"))
+        eot = SPECIAL[0]
+        # as SmolLM2 / Qwen2: no BOS is prepended
+        write_json(os.path.join(path, "tokenizer_config.json"), {
+            "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "bos_token": eot,
+            "eos_token": eot, "pad_token": eot, "model_max_length": LM["max_position_embeddings"]})
+    barrier()
     return data.load_tokenizer(path)
 
 
@@ -347,10 +352,12 @@ def soft_embed(lm, words):
 
 def lm_loss(model, batch):
     """Summed cross-entropy of the next token where one is trained (lm_head runs at those positions
-    only), the number of targets and of positions."""
-    h = model(inputs_embeds=soft_embed(model, batch["words"]),
+    only), the number of targets and of positions. model may be a DDP wrapper: the forward goes
+    through it, the embedding and lm_head are the wrapped model's."""
+    lm = getattr(model, "module", model)
+    h = model(inputs_embeds=soft_embed(lm, batch["words"]),
               attention_mask=padding_mask(batch["attention_mask"]), hidden=True)  # (B, T, D)
-    return *trained_cross_entropy(h, batch["labels"], model.lm_head), batch["labels"].numel()
+    return *trained_cross_entropy(h, batch["labels"], lm.lm_head), batch["labels"].numel()
 
 
 @torch.no_grad()
@@ -426,12 +433,15 @@ def train_llm(data_dir, out_dir, device, n_docs=LM_DOCS, seed=0, **overrides):
     train_set = lm_documents(data_dir, tok, n_docs, seed=seed)
     eval_set = lm_documents(data_dir, tok, max(8, n_docs // 50), seed=f"eval-{seed}")  # other scenes
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"llm stand-in: {len(train_set):,} documents ({sum(map(len, train_set)):,} positions) "
-          f"made in {time.time() - t0:.1f}s, vocabulary {tok.vocab_size}, {n_params:,} parameters")
+    if is_main():
+        print(f"llm stand-in: {len(train_set):,} documents ({sum(map(len, train_set)):,} positions) "
+              f"made in {time.time() - t0:.1f}s, vocabulary {tok.vocab_size}, {n_params:,} parameters")
     tcfg = TrainConfig(**{**LM_TRAIN, "out_dir": os.path.join(out_dir, "llm_train"), "seed": seed,
                           **overrides})
     train(model, train_set, collate_fn=pad_documents, loss_fn=lm_loss, cfg=tcfg, eval_set=eval_set,
           lengths=[len(d) for d in train_set])
+    if not is_main():  # under torchrun, process 0 scores and writes
+        return path
     reading = {split: reading_accuracy(model, tok, data_dir, split=split) for split in ("val", "test")}
     (test, test_describe), (val, val_describe) = reading["test"], reading["val"]
     print(f"llm stand-in, given the scene as soft words: answers {test['all']:.1%} of the held-out test "
@@ -480,15 +490,20 @@ def ensure_standins(data_dir=DATA_DIR, out_dir=None, force=False, seed=0, **over
         if trained != seed:
             raise InputError(f"{out_dir} holds the stand-ins of seed {trained}, not {seed}: "
                              "pass --force to retrain them, or another directory")
-    os.makedirs(out_dir, exist_ok=True)
-    write_json(seed_file, {"seed": seed})  # first: a run killed half-way still says whose stand-ins these are
     _, _, device = init_distributed()
+    if is_main():
+        os.makedirs(out_dir, exist_ok=True)
+        write_json(seed_file, {"seed": seed})  # first: a run killed half-way still says whose these are
+    # under torchrun the processes train each stand-in together (train.py's DDP), and process 0 writes it
     for path, fn in ((vision, train_vision), (llm, train_llm)):
         if force or not os.path.exists(os.path.join(path, "model.safetensors")):
             t0 = time.time()
-            print(f"stage 0: training the {os.path.basename(path)} stand-in -> {path}")
+            if is_main():
+                print(f"stage 0: training the {os.path.basename(path)} stand-in -> {path}")
             fn(data_dir, out_dir, device, seed=seed, **overrides)
-            print(f"stage 0: {os.path.basename(path)} stand-in done in {time.time() - t0:.1f}s")
+            barrier()  # every process sees it on disk before going on
+            if is_main():
+                print(f"stage 0: {os.path.basename(path)} stand-in done in {time.time() - t0:.1f}s")
     return vision, llm
 
 

@@ -5,11 +5,12 @@ falls; frozen parameters stay bit-identical (vision + LLM in stage 1, vision in 
 starts from stage 1's projector (loaded, not re-initialised); the held-out answers beat a guess that
 ignores the image; the trained positions of a collated batch decode to exactly the answers; a killed
 run resumed from its last checkpoint ends bit-identical to an uninterrupted one; 2 gloo processes
-(torchrun) compute the same first gradient and losses as 1 process with the same global batch;
-batched (left-padded) answers equal one-by-one answers; `chat.py chat --prompt` and `eval` work as
-commands; a non-finite loss stops training, naming the step; batches grouped by length cover the
-data once, in a resumable order, with little padding; --seed reaches stage 0 (same seed, same
-stand-ins); held-out conversations are scored turn by turn after the model's own answers.
+(torchrun) compute the same first gradient and losses as 1 process with the same global batch, and
+under torchrun stage 0 makes the data set and each stand-in once; batched (left-padded) answers
+equal one-by-one answers; `chat.py chat --prompt` and `eval` work as commands; a non-finite loss
+stops training, naming the step; batches grouped by length cover the data once, in a resumable
+order, with little padding; --seed reaches stage 0 (same seed, same stand-ins); held-out
+conversations are scored turn by turn after the model's own answers.
 
 Run: python -m pytest -q tests/test_train.py
 """
@@ -33,7 +34,7 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from conftest import losses, pt_args  # noqa: E402
+from conftest import losses, pt_args, sft_args  # noqa: E402
 
 import chat  # noqa: E402
 import data  # noqa: E402
@@ -210,6 +211,62 @@ def test_ddp_two_processes_match_one(pipeline, tmp_path):
                 torch.testing.assert_close(g2, g1, rtol=0, atol=64 * 2**-24 * g1.abs().max().item())
     l1, l2 = [r["loss"] for r in losses(one)], [r["loss"] for r in losses(two)]
     assert len(l1) == len(l2) == 4 and l1 == pytest.approx(l2, rel=1e-5)
+
+
+STAGE0_UNDER_TORCHRUN = """
+import functools, sys
+sys.path.insert(0, sys.argv[1])
+import train
+from offline import standins
+train.init_distributed()
+shapes_dir = train.first_process_first(lambda: standins.ensure_shapes(sys.argv[2], n_images=60))
+standins.train_llm = functools.partial(standins.train_llm, n_docs=64)  # a few documents: fast
+standins.ensure_standins(shapes_dir, out_dir=sys.argv[3], max_steps=2, batch_size=8, micro_batch_size=4,
+                         progress=False)
+"""
+
+
+def test_stage0_under_torchrun_makes_everything_once(tmp_path):
+    """torchrun with 2 processes on a fresh directory: the first process makes the data set while the
+    other waits, both train each stand-in (DDP), process 0 writes it, and both go on only once it is
+    on disk."""
+    script = tmp_path / "stage0.py"
+    script.write_text(STAGE0_UNDER_TORCHRUN)
+    shapes_dir, out = tmp_path / "shapes", tmp_path / "standins"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           free_port(), str(script), ROOT, str(shapes_dir), str(out)]
+    result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("made the shapes data set") == 1
+    assert result.stdout.count("2 process(es)") == 2  # the vision and the LLM stand-in
+    assert result.stdout.count("stage 0: llm stand-in done") == 1  # printed by process 0 alone
+    TinyLlava.from_parts(str(out / "vision"), str(out / "llm"))  # both complete checkpoints
+    assert json.loads((out / "llm" / "reading.json").read_text())["seed"] == 0
+
+
+def test_ddp_stage2_on_batches_without_an_image(pipeline, tmp_path):
+    """2 processes through stage 2 on text-only conversations: no batch gives the projector a gradient,
+    which DDP must be told to expect (it would wait for those gradients and fail at the next step);
+    the projector stays as stage 1 left it, the LLM trains."""
+    text_only = [s for s in data.load_samples(os.path.join(pipeline["shapes"], "instruct.json"))
+                 if "image" not in s][:16]
+    data_file, out = tmp_path / "text.json", tmp_path / "sft"
+    data_file.write_text(json.dumps(text_only))
+    args = sft_args(pipeline, str(out), "--data", str(data_file), "--batch-size", "8",
+                    "--micro-batch-size", "4", "--eval-frac", "0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", free_port(), os.path.join(ROOT, "train_sft.py")]
+    result = subprocess.run(cmd + args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and len(losses(str(out))) == 2
+    sft = TinyLlava.from_pretrained(str(out))
+    projector = load_file(os.path.join(pipeline["pt"], chat.PROJECTOR_FILE))
+    assert all(torch.equal(p, projector["multi_modal_projector." + n])
+               for n, p in sft.multi_modal_projector.named_parameters())
+    llm = load_file(os.path.join(pipeline["llm"], "model.safetensors"))
+    assert not all(torch.equal(p, llm[n]) for n, p in sft.language_model.named_parameters())
 
 
 def test_chat_and_eval_commands(pipeline, tmp_path):
