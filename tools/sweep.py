@@ -5,7 +5,6 @@ data order?
     python -m tools.sweep                    # seeds 0-4, one after the other (minutes each)
     python -m tools.sweep --seeds 0 1 --out-dir runs/sweep
     python -m tools.sweep --split val        # the table on the validation split: choose recipes here
-    python -m tools.sweep --nproc 2          # each stage as 2 torchrun processes (see README)
 
 Each seed runs `train_pt.py --seed S` then `train_sft.py --seed S` (stage 0's stand-ins, stage 1 and
 stage 2 all drawn from that seed; the shapes data set and its held-out questions are the same for
@@ -44,12 +43,9 @@ def seed_dirs(seed, out_dir):
     return (os.path.join(out_dir, f"seed{seed}", "pt"), os.path.join(out_dir, f"seed{seed}", "sft"))
 
 
-def run_seed(seed, out_dir, nproc=1):
-    """Run the pipeline for one seed (nproc > 1: each stage as that many torchrun processes); its wall
-    time goes to OUT_DIR/seedS/time.json."""
+def run_seed(seed, out_dir):
+    """Run the pipeline for one seed; its wall time goes to OUT_DIR/seedS/time.json."""
     pt, sft = seed_dirs(seed, out_dir)
-    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                  str(nproc)] if nproc > 1 else [])
     steps = [["train_pt.py", "--seed", str(seed), "--out-dir", pt, "--no-progress"],
              ["train_sft.py", "--seed", str(seed), "--pt", pt, "--out-dir", sft, "--no-progress"]]
     # an earlier run's validation answers, which score_seed would reuse
@@ -61,7 +57,7 @@ def run_seed(seed, out_dir, nproc=1):
         log = os.path.join(out_dir, f"seed{seed}", os.path.splitext(step[0])[0] + ".log")
         os.makedirs(os.path.dirname(log), exist_ok=True)
         with open(log, "w") as f:
-            result = subprocess.run(launch + step, cwd=ROOT, stdout=f,
+            result = subprocess.run([sys.executable, *step], cwd=ROOT, stdout=f,
                                     stderr=subprocess.STDOUT)
         if result.returncode:
             raise InputError(f"seed {seed}: {step[0]} failed (exit {result.returncode}); see {log}")
@@ -139,14 +135,12 @@ def main(argv=None):
     parser.add_argument("--score", action="store_true",
                         help="score the runs already in --out-dir, training nothing: the test table, "
                              "once, of the runs chosen on val")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="run each stage as this many data-parallel processes (torchrun)")
     args = parser.parse_args(argv)
     args.out_dir = os.path.abspath(args.out_dir)  # the stages run from the repository root
     rows = []
     for seed in args.seeds:
         if not args.score:
-            run_seed(seed, args.out_dir, args.nproc)
+            run_seed(seed, args.out_dir)
         rows.append(score_seed(seed, args.out_dir, args.split))
         row = rows[-1]
         print(f"seed {seed}: {args.split} exact match {row['accuracy']['all']:.1%} in {row['seconds']} s",
