@@ -399,10 +399,16 @@ def attention_mask_4d(attention_mask, T, past):
     return (mask | (k_pos == q_pos)[None])[:, None]  # (B, 1, T, S)
 
 
-def padding_mask(attention_mask):
-    """attention_mask, or None without padding (the LM then uses SDPA's is_causal). Callers decide:
-    reading the mask in LanguageModel.forward would stall the GPU and break a compiled graph."""
-    return None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+def padding_mask(attention_mask, only_real=False):
+    """attention_mask, or None where SDPA's is_causal gives the same (and is faster): no padding, or,
+    when the caller reads only the real positions (only_real: a training loss), padding only after each
+    row's tokens, which causal attention already hides from them. Callers decide: reading the mask in
+    LanguageModel.forward would stall the GPU and break a compiled graph."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    if only_real and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        return None
+    return attention_mask
 
 
 class LanguageModel(nn.Module):
@@ -573,7 +579,7 @@ class TinyLlava(nn.Module):
         """-> (logits (B, T', V), loss or None), T' counting image tokens. With return_logits=False
         logits are None: same loss, lm_head only on trained positions (trained_cross_entropy)."""
         embeds, mask, labels = self.merge_inputs(input_ids, pixel_values, attention_mask, labels)
-        mask = padding_mask(mask)
+        mask = padding_mask(mask, only_real=labels is not None and not return_logits)
         if labels is not None and not return_logits:
             hidden = self.language_model(inputs_embeds=embeds, attention_mask=mask, hidden=True)
             total, n = trained_cross_entropy(hidden, labels, self.language_model.lm_head)

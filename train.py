@@ -297,7 +297,7 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         # a micro-batch of text-only conversations gives the projector (and a trained vision tower) no
-        # gradient: DDP must look for such parameters, or it waits for their gradients forever
+        # gradient: DDP must look for such parameters, or it fails at the next step still waiting for them
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=device_ids,
                                                           find_unused_parameters=True)
     bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16

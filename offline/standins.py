@@ -356,7 +356,7 @@ def lm_loss(model, batch):
     through it, the embedding and lm_head are the wrapped model's."""
     lm = getattr(model, "module", model)
     h = model(inputs_embeds=soft_embed(lm, batch["words"]),
-              attention_mask=padding_mask(batch["attention_mask"]), hidden=True)  # (B, T, D)
+              attention_mask=padding_mask(batch["attention_mask"], only_real=True), hidden=True)  # (B, T, D)
     return *trained_cross_entropy(h, batch["labels"], lm.lm_head), batch["labels"].numel()
 
 

@@ -356,6 +356,31 @@ def test_batch_with_padding_and_text_only_sample(tmp_path):
     assert (batch[1, :6] - alone_b[0]).abs().max() <= TOL
 
 
+def test_training_loss_of_a_right_padded_batch_needs_no_mask(tmp_path):
+    """A loss reads only real positions, and right padding comes after them: causal attention alone
+    (padding_mask(..., only_real=True) gives None) yields bit for bit the loss and gradients of the
+    explicit mask. Left padding comes before them, so it keeps its mask."""
+    _, path = llava(tmp_path)
+    model = tl.TinyLlava.from_pretrained(path)
+    ids = torch.tensor([[1, tl.IMAGE_TOKEN_INDEX, 2, 3, 0, 0], [4, 5, 6, 7, 8, 9]])
+    mask = torch.tensor([[1] * 4 + [0, 0], [1] * 6])
+    labels = torch.where(mask.bool() & (ids > 2), ids, tl.IGNORE_INDEX)
+    pix = torch.randn(1, 3, 32, 32)
+    assert tl.padding_mask(mask, only_real=True) is None and tl.padding_mask(mask) is mask
+    assert tl.padding_mask(mask.flip(1), only_real=True) is not None  # left padding
+    embeds, merged, merged_labels = model.merge_inputs(ids, pix, mask, labels)
+    results = []
+    for attn in (merged, tl.padding_mask(merged, only_real=True)):
+        model.zero_grad()
+        h = model.language_model(inputs_embeds=embeds, attention_mask=attn, hidden=True)
+        total, _ = tl.trained_cross_entropy(h, merged_labels, model.language_model.lm_head)
+        total.backward(retain_graph=True)
+        results.append((total.detach(), [p.grad.clone() for p in model.language_model.parameters()]))
+    (loss_mask, grads_mask), (loss_causal, grads_causal) = results
+    assert torch.equal(loss_mask, loss_causal)
+    assert all(torch.equal(a, b) for a, b in zip(grads_mask, grads_causal))
+
+
 def splice_row_by_row(ids, embeds, images, mask, labels, left):
     """The splice spelled out, one row and one token at a time: what splice_images must equal."""
     rows, k = [], 0

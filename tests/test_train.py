@@ -5,12 +5,12 @@ falls; frozen parameters stay bit-identical (vision + LLM in stage 1, vision in 
 starts from stage 1's projector (loaded, not re-initialised); the held-out answers beat a guess that
 ignores the image; the trained positions of a collated batch decode to exactly the answers; a killed
 run resumed from its last checkpoint ends bit-identical to an uninterrupted one; 2 gloo processes
-(torchrun) compute the same first gradient and losses as 1 process with the same global batch, and
-under torchrun stage 0 makes the data set and each stand-in once; batched (left-padded) answers
-equal one-by-one answers; `chat.py chat --prompt` and `eval` work as commands; a non-finite loss
-stops training, naming the step; batches grouped by length cover the data once, in a resumable
-order, with little padding; --seed reaches stage 0 (same seed, same stand-ins); held-out
-conversations are scored turn by turn after the model's own answers.
+(torchrun) compute the same first gradient and losses as 1 process with the same global batch, go
+through stage 2 on batches without an image, and make stage 0's data set and stand-ins once;
+batched (left-padded) answers equal one-by-one answers; `chat.py chat --prompt` and `eval` work as
+commands; a non-finite loss stops training, naming the step; batches grouped by length cover the
+data once, in a resumable order, with little padding; --seed reaches stage 0 (same seed, same
+stand-ins); held-out conversations are scored turn by turn after the model's own answers.
 
 Run: python -m pytest -q tests/test_train.py
 """
