@@ -400,10 +400,11 @@ def attention_mask_4d(attention_mask, T, past):
 
 
 def padding_mask(attention_mask, only_real=False):
-    """attention_mask, or None where SDPA's is_causal gives the same (and is faster): no padding, or,
-    when the caller reads only the real positions (only_real: a training loss), padding only after each
-    row's tokens, which causal attention already hides from them. Callers decide: reading the mask in
-    LanguageModel.forward would stall the GPU and break a compiled graph."""
+    """attention_mask, or None where SDPA's is_causal gives the same: no padding, or, when the caller
+    reads only the real positions (only_real: a training loss), padding only after each row's tokens,
+    which causal attention already hides from them. is_causal is faster, and on a GPU the only way to
+    SDPA's flash kernel. Callers decide: reading the mask in LanguageModel.forward would stall the GPU
+    and break a compiled graph."""
     if attention_mask is None or bool(attention_mask.all()):
         return None
     if only_real and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
