@@ -528,9 +528,12 @@ class ConversationDataset(torch.utils.data.Dataset):
                 self.tokens, self.trained, self.lengths = f["tokens"], f["trained"], f["lengths"]
                 self.ids, self.images, self.skipped = f["ids"], f["images"], f["skipped"].tolist()
             print(f"{self.name}: {len(self.ids):,} samples, tokenized before ({cache})")
-            for sample_id, image in zip(self.ids, self.images):  # checked when tokenized: still there?
+            # checked when tokenized: still there? Each file once (samples share images), with the
+            # first sample that names it
+            images, first = np.unique(self.images, return_index=True)
+            for image, i in zip(images, first):
                 if image and not os.path.isfile(image.decode()):
-                    self._fail(sample_id.decode(), f"image not found: {image.decode()}")
+                    self._fail(self.ids[i].decode(), f"image not found: {image.decode()}")
         else:
             self._tokenize(load_samples(path), tokenizer, template, max_len)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])

@@ -36,6 +36,9 @@ import time
 from tinyllava import InputError, command_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the validation files --split val answers (in data/shapes), each with its longest answer in tokens:
+# a description is long
+VAL_FILES = {"val": 32, "val_chat": 64}
 
 
 def seed_dirs(seed, out_dir):
@@ -48,10 +51,9 @@ def run_seed(seed, out_dir):
     pt, sft = seed_dirs(seed, out_dir)
     steps = [["train_pt.py", "--seed", str(seed), "--out-dir", pt, "--no-progress"],
              ["train_sft.py", "--seed", str(seed), "--pt", pt, "--out-dir", sft, "--no-progress"]]
-    # an earlier run's validation answers, which score_seed would reuse
-    for name in ("answers_val.jsonl", "answers_val_chat.jsonl"):
-        if os.path.exists(os.path.join(sft, name)):
-            os.remove(os.path.join(sft, name))
+    for name in VAL_FILES:  # an earlier run's validation answers, which score_seed would reuse
+        if os.path.exists(val_answers(sft, name)):
+            os.remove(val_answers(sft, name))
     t0 = time.time()
     for step in steps:
         log = os.path.join(out_dir, f"seed{seed}", os.path.splitext(step[0])[0] + ".log")
@@ -76,9 +78,8 @@ def score_seed(seed, out_dir, split="test"):
     with open(os.path.join(read_sources(pt)["llm"], "reading.json")) as f:
         reading = json.load(f)
     if split == "val":
-        answers = {}
-        for name, max_new_tokens in (("val", 32), ("val_chat", 64)):  # a description is long
-            answers[name] = os.path.join(sft, f"answers_{name}.jsonl")
+        answers = {name: val_answers(sft, name) for name in VAL_FILES}
+        for name, max_new_tokens in VAL_FILES.items():
             if not os.path.exists(answers[name]):
                 data_file = os.path.join(ROOT, "data", "shapes", f"{name}.json")
                 subprocess.run([sys.executable, "chat.py", "eval", "--model", sft, "--data", data_file,
@@ -92,6 +93,11 @@ def score_seed(seed, out_dir, split="test"):
     conversation = exact_match(os.path.join(sft, "answers_chat.jsonl"), "turn")
     return dict(seed=seed, reading=reading["reading_accuracy"], describe=reading["describe_accuracy"],
                 accuracy=accuracy, conversation=conversation, seconds=seconds)
+
+
+def val_answers(sft, name):
+    """Where the answers to data/shapes/NAME.json of a --split val sweep go."""
+    return os.path.join(sft, f"answers_{name}.jsonl")
 
 
 def exact_match(answers_file, by):
