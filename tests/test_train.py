@@ -15,6 +15,7 @@ stand-ins); held-out conversations are scored turn by turn after the model's own
 Run: python -m pytest -q tests/test_train.py
 """
 
+import gc
 import json
 import os
 import random
@@ -361,6 +362,19 @@ def test_soft_words_are_summed_and_never_trained(pipeline):
                 attention_mask=batch["attention_mask"])
     assert (n == len(text) - 1
             and torch.allclose(loss / n, shifted_cross_entropy(logits, batch["labels"])))
+
+
+def test_documents_are_made_out_of_the_cycle_collectors_sight(pipeline):
+    """frozen_gc: the collector is off while the documents are made, on again after, and what was made
+    is frozen (later collections skip it); the documents are those made with the collector on."""
+    tok = data.load_tokenizer(pipeline["llm"])
+    plain = standins.lm_documents(pipeline["shapes"], tok, 20, seed=1)
+    before = gc.get_freeze_count()
+    with standins.frozen_gc():
+        assert not gc.isenabled()
+        docs = standins.lm_documents(pipeline["shapes"], tok, 20, seed=1)
+    assert gc.isenabled() and docs == plain
+    assert gc.get_freeze_count() >= before + sum(map(len, docs))  # a list per position at least
 
 
 def test_stand_in_reads_a_batch_as_it_reads_each_prompt(pipeline):
