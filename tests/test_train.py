@@ -10,7 +10,8 @@ through stage 2 on batches without an image, and make stage 0's data set and sta
 batched (left-padded) answers equal one-by-one answers; `chat.py chat --prompt` and `eval` work as
 commands; a non-finite loss stops training, naming the step; batches grouped by length cover the
 data once, in a resumable order, with little padding; --seed reaches stage 0 (same seed, same
-stand-ins); held-out conversations are scored turn by turn after the model's own answers.
+stand-ins); held-out conversations are scored turn by turn after the model's own answers; the
+stand-in's documents are made out of the cycle collector's sight, and are the same.
 
 Run: python -m pytest -q tests/test_train.py
 """
