@@ -152,6 +152,12 @@ def first_process_first(fn):
     return result if first else fn()
 
 
+def unwrap(model):
+    """The module inside a DDP wrapper (a loss function gets the wrapper: its forward syncs gradients),
+    or model itself."""
+    return getattr(model, "module", model)
+
+
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}

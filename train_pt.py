@@ -126,7 +126,7 @@ def llava_loss(model, batch):
                     return_logits=False)
     n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the targets the loss averaged over
     n_images = 0 if batch["pixel_values"] is None else batch["pixel_values"].size(0)
-    image_tokens = getattr(model, "module", model).vision_tower.num_tokens
+    image_tokens = train.unwrap(model).vision_tower.num_tokens
     tokens = batch["attention_mask"].sum() + n_images * (image_tokens - 1)
     return loss * n, n, tokens
 

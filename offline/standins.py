@@ -60,7 +60,7 @@ from tinyllava import (
     trained_cross_entropy,
     write_json,
 )
-from train import TrainConfig, barrier, init_distributed, is_main, train
+from train import TrainConfig, barrier, init_distributed, is_main, train, unwrap
 
 DATA_DIR, OUT_DIR = "data/shapes", "runs/standins"
 N_IMAGES, IMAGE_SIZE = 4000, 48  # 3,600 training images + 400 held out; 48 px = 3 cells of 16 px
@@ -138,7 +138,7 @@ def cell_targets(objects, side=3):
 def cell_loss(model, batch):
     logits = model(batch["pixel_values"])  # (B, N, C)
     targets = batch["labels"]  # (B, N, 4)
-    n_classes = getattr(model, "module", model).n_classes  # model may be a DDP wrapper
+    n_classes = unwrap(model).n_classes
     loss = sum(F.cross_entropy(part.reshape(-1, part.size(-1)), t.reshape(-1), reduction="sum")
                for part, t in zip(logits.split(n_classes, dim=-1), targets.unbind(-1)))
     return loss, targets.numel(), targets.shape[0] * targets.shape[1]
@@ -356,7 +356,7 @@ def lm_loss(model, batch):
     """Summed cross-entropy of the next token where one is trained (lm_head runs at those positions
     only), the number of targets and of positions. model may be a DDP wrapper: the forward goes
     through it, the embedding and lm_head are the wrapped model's."""
-    lm = getattr(model, "module", model)
+    lm = unwrap(model)
     h = model(inputs_embeds=soft_embed(lm, batch["words"]),
               attention_mask=padding_mask(batch["attention_mask"], only_real=True), hidden=True)  # (B, T, D)
     return *trained_cross_entropy(h, batch["labels"], lm.lm_head), batch["labels"].numel()
