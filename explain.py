@@ -102,19 +102,23 @@ def word_share(model, tokenizer, data_dir, split="test", k=3, batch_size=64):
     the cell, over the images of `split` in meta.json -> {"color", "shape": shares of the cells with
     an object whose colour / shape (or the shape's plural) is among their words; "empty": share of the
     empty cells with "empty" among theirs; "all": share of all cells named right (colour and shape, or
-    empty); "cells": how many cells were counted}."""
+    empty); "cells": how many cells were counted; "length": the image tokens' mean length in units of
+    a word's (the input embeddings' mean length)}. The words are nearest by direction alone; a layer
+    reads its input through an RMSNorm, but in the residual stream a long token drowns what the layers
+    add to it (docs/results.md)."""
     with open(os.path.join(data_dir, "meta.json")) as f:
         images = [m for m in json.load(f)["images"] if m["split"] == split]
     if not images:
         raise InputError(f"{data_dir}/meta.json: no images of split {split!r}")
     settings = data.ChatConfig.from_dict(model.chat).image
     cells, device = shapes.patch_cells(grid_side(model)), model.language_model.lm_head.weight.device
-    hits = dict(color=[], shape=[], empty=[], all=[])
+    hits, lengths = dict(color=[], shape=[], empty=[], all=[]), []
     for j in range(0, len(images), batch_size):
         batch = images[j : j + batch_size]
         files = [os.path.join(data_dir, m["image"]) for m in batch]
-        pixels = torch.stack([data.load_image(file, settings) for file in files])
-        for m, patches in zip(batch, patch_words(model, tokenizer, pixels.to(device), k)):
+        pixels = torch.stack([data.load_image(file, settings) for file in files]).to(device)
+        lengths.append(model.encode_images(pixels).float().norm(dim=-1).flatten())  # (n_img * N,)
+        for m, patches in zip(batch, patch_words(model, tokenizer, pixels, k)):
             named = [set() for _ in range(9)]  # the words each cell's patches are nearest to
             for cell, words in zip(cells, patches):
                 named[cell] |= {w.lower() for w, _ in words}
@@ -129,7 +133,10 @@ def word_share(model, tokenizer, data_dir, split="test", k=3, batch_size=64):
                 else:
                     hits["empty"].append("empty" in words)
                     hits["all"].append("empty" in words)
-    return {name: sum(h) / max(1, len(h)) for name, h in hits.items()} | {"cells": len(hits["all"])}
+    vocab = model.language_model.model.embed_tokens.weight[:tokenizer.vocab_size].float()  # (V, D)
+    length = torch.cat(lengths).mean() / vocab.norm(dim=-1).mean()
+    return ({name: sum(h) / max(1, len(h)) for name, h in hits.items()}
+            | {"cells": len(hits["all"]), "length": length.item()})
 
 
 @contextlib.contextmanager
@@ -360,10 +367,10 @@ def share(model_dir, data_dir, split="test", k=3, device=None, seed=0):
         random = word_share(model, tokenizer, data_dir, split, k)
     print(f"cells of the {split} images of {data_dir} whose {k} nearest words name them "
           f"({trained['cells']} cells):")
-    print(f"  {'':<24}{'colour':>8}{'shape':>8}{'empty':>8}{'all':>8}")
+    print(f"  {'':<24}{'colour':>8}{'shape':>8}{'empty':>8}{'all':>8}  length (x a word's)")
     for name, r in ((model_dir, trained), ("random projector", random)):
         shares = "".join(f"{r[c]:8.1%}" for c in ("color", "shape", "empty", "all"))
-        print(f"  {name[-24:]:<24}{shares}")
+        print(f"  {name[-24:]:<24}{shares}  {r['length']:.1f}")
     return trained, random
 
 

@@ -1,6 +1,6 @@
 """explain.py on the small pipeline: the pictures are written at their sizes, the answer it explains is
 chat's greedy answer, its attention rows are distributions, and stage 1's image tokens lie nearer the
-words naming their cells than a random projector's do.
+words naming their cells than a random projector's do (and `share` says how long they are).
 
 Run: python -m pytest -q tests/test_explain.py
 """
@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 
@@ -17,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import chat  # noqa: E402
+import data  # noqa: E402
 import explain  # noqa: E402
 
 
@@ -64,6 +66,17 @@ def test_stage1_words_beat_a_random_projector(pipeline):
     # the projector was put back
     again = explain.word_share(model, tokenizer, pipeline["shapes"], "test", k=3)
     assert again == trained
+    # the tokens' length in words, from every patch of the 40 test images
+    with open(os.path.join(pipeline["shapes"], "meta.json")) as f:
+        files = [m["image"] for m in json.load(f)["images"] if m["split"] == "test"]
+    settings = data.ChatConfig.from_dict(model.chat).image
+    pixels = torch.stack([data.load_image(os.path.join(pipeline["shapes"], f), settings) for f in files])
+    with torch.no_grad():
+        tokens = model.encode_images(pixels)  # (40, 9, D)
+    words = model.language_model.model.embed_tokens.weight[:tokenizer.vocab_size]
+    # two float32 means (of 360 lengths and of the words'), each within n * 2**-24 of another order's sum
+    length = tokens.norm(dim=-1).mean() / words.norm(dim=-1).mean()
+    assert trained["length"] == pytest.approx(length.item(), rel=1e-4)
 
 
 def test_sinks_are_patches_that_draw_attention_under_every_question():
