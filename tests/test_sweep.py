@@ -1,12 +1,16 @@
 """tools/sweep.py --score: the table of runs already made, per question type and per turn, with the
-minimum and the median over the seeds, and one clear error for a seed that has not run.
+minimum and the median over the seeds, and one clear error for a seed that has not run; --jobs: seeds
+run at once.
 
 Run: python -m pytest -q tests/test_sweep.py
 """
 
 import json
 import os
+import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -80,3 +84,30 @@ def test_val_split_scores_the_validation_files(tmp_path, capsys):
     assert row["conversation"] == {"all": 1 / 3, "turn 1": 0.5, "turn 2": 0.0}
     assert capsys.readouterr().out.splitlines()[-1].split() == [
         "median", "70.0%", "60.0%", "50.0%", "50.0%", "33.3%", "50.0%", "0.0%", "100s"]
+
+
+def test_jobs_run_seeds_at_once_on_a_share_of_the_threads(tmp_path, monkeypatch):
+    """--jobs 2: the data set is made first, once; then two seeds' pipelines run at the same time, each
+    with OMP_NUM_THREADS = cores / 2; a failed seed stops the sweep with one error naming its log, and
+    the seeds not started yet never start."""
+    out, calls, order = str(tmp_path), [], []
+    monkeypatch.setattr(sweep.standins, "ensure_shapes", lambda data_dir: order.append("data"))
+    both_started = threading.Barrier(2, timeout=30)
+
+    def fake_stage(cmd, cwd, stdout, stderr, env):  # one stage: both seeds' first stages must overlap
+        seed = int(cmd[cmd.index("--seed") + 1])
+        calls.append((seed, os.path.basename(cmd[1]), env["OMP_NUM_THREADS"]))
+        order.append(seed)
+        if cmd[1] == "train_pt.py":
+            both_started.wait()  # times out (BrokenBarrierError) unless the other seed runs too
+        elif seed == 0:
+            time.sleep(1)  # busy until well after seed 1 has failed: seed 2 can only go to seed 1's worker
+        return subprocess.CompletedProcess(cmd, returncode=3 if seed == 1 and cmd[1] == "train_sft.py" else 0)
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_stage)
+    with pytest.raises(InputError, match=r"seed 1: train_sft.py failed \(exit 3\); see .*train_sft.log"):
+        sweep.main(["--out-dir", out, "--seeds", "0", "1", "2", "--jobs", "2"])
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert order[0] == "data" and order.count("data") == 1
+    assert sorted(calls) == [(0, "train_pt.py", threads), (0, "train_sft.py", threads),
+                             (1, "train_pt.py", threads), (1, "train_sft.py", threads)]  # seed 2 never ran

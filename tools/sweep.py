@@ -5,6 +5,7 @@ data order?
     python -m tools.sweep                    # seeds 0-4, one after the other (minutes each)
     python -m tools.sweep --seeds 0 1 --out-dir runs/sweep
     python -m tools.sweep --split val        # the table on the validation split: choose recipes here
+    python -m tools.sweep --jobs 2           # two seeds at a time, one thread each on 2 cores
 
 Each seed runs `train_pt.py --seed S` then `train_sft.py --seed S` (stage 0's stand-ins, stage 1 and
 stage 2 all drawn from that seed; the shapes data set and its held-out questions are the same for
@@ -14,6 +15,10 @@ the images ("describe"); the held-out exact match overall and per question type,
 conversations' exact match overall and per turn (test_chat.json, each turn after the model's own
 earlier answers), and the wall time; then the minimum and median over the seeds. The table is also
 written to OUT_DIR/sweep.json (sweep_val.json with --split val).
+
+--jobs N runs N seeds at a time, each on cores / N threads (OMP_NUM_THREADS): on 2 cores two
+one-thread runs finish sooner than one two-thread run after another, and the tables of the README and
+docs/results.md were made so. A thread count sums in its own order, so a seed's figures depend on it.
 
 --split val scores the validation split instead (val.json, 400 other images, one question each;
 val_chat.json, a conversation about each; and the stand-in's reading of them): a recipe change is
@@ -26,13 +31,16 @@ them again:
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
+from offline import standins
 from tinyllava import InputError, command_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,25 +54,29 @@ def seed_dirs(seed, out_dir):
     return (os.path.join(out_dir, f"seed{seed}", "pt"), os.path.join(out_dir, f"seed{seed}", "sft"))
 
 
-def run_seed(seed, out_dir):
-    """Run the pipeline for one seed; its wall time goes to OUT_DIR/seedS/time.json."""
+def run_seed(seed, out_dir, threads=None):
+    """Run the pipeline for one seed, on `threads` threads (None: as train.py picks); its wall time in
+    seconds, also written to OUT_DIR/seedS/time.json."""
     pt, sft = seed_dirs(seed, out_dir)
     steps = [["train_pt.py", "--seed", str(seed), "--out-dir", pt, "--no-progress"],
              ["train_sft.py", "--seed", str(seed), "--pt", pt, "--out-dir", sft, "--no-progress"]]
     for name in VAL_FILES:  # an earlier run's validation answers, which score_seed would reuse
         if os.path.exists(val_answers(sft, name)):
             os.remove(val_answers(sft, name))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     t0 = time.time()
     for step in steps:
         log = os.path.join(out_dir, f"seed{seed}", os.path.splitext(step[0])[0] + ".log")
         os.makedirs(os.path.dirname(log), exist_ok=True)
         with open(log, "w") as f:
             result = subprocess.run([sys.executable, *step], cwd=ROOT, stdout=f,
-                                    stderr=subprocess.STDOUT)
+                                    stderr=subprocess.STDOUT, env=env)
         if result.returncode:
             raise InputError(f"seed {seed}: {step[0]} failed (exit {result.returncode}); see {log}")
+    seconds = round(time.time() - t0)
     with open(os.path.join(out_dir, f"seed{seed}", "time.json"), "w") as f:
-        json.dump({"seconds": round(time.time() - t0)}, f)
+        json.dump({"seconds": seconds}, f)
+    return seconds
 
 
 def score_seed(seed, out_dir, split="test"):
@@ -136,17 +148,40 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out-dir", default="runs/sweep")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="seeds run at a time, each on cores / jobs threads (default 1)")
     parser.add_argument("--split", choices=["test", "val"], default="test",
                         help="the held-out split the table scores (choose recipes on val)")
     parser.add_argument("--score", action="store_true",
                         help="score the runs already in --out-dir, training nothing: the test table, "
                              "once, of the runs chosen on val")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: at least 1")
     args.out_dir = os.path.abspath(args.out_dir)  # the stages run from the repository root
+    if not args.score:
+        # made once, here: seeds running at once would each make it, into the same files
+        standins.ensure_shapes(os.path.join(ROOT, standins.DATA_DIR))
+        threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+        failed = threading.Event()  # once a seed has failed, the seeds not started yet do not start
+
+        def run(seed):
+            if failed.is_set():
+                return None
+            try:
+                return run_seed(seed, args.out_dir, threads)
+            except BaseException:
+                failed.set()
+                raise
+
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            runs = {pool.submit(run, seed): seed for seed in args.seeds}
+            for done in concurrent.futures.as_completed(runs):
+                seconds = done.result()  # a failure is raised here: one line naming its seed and log
+                if seconds is not None:
+                    print(f"seed {runs[done]}: trained in {seconds} s", flush=True)
     rows = []
     for seed in args.seeds:
-        if not args.score:
-            run_seed(seed, args.out_dir)
         rows.append(score_seed(seed, args.out_dir, args.split))
         row = rows[-1]
         print(f"seed {seed}: {args.split} exact match {row['accuracy']['all']:.1%} in {row['seconds']} s",
