@@ -16,6 +16,7 @@ counts as much as a long one per token, whatever batch it landed in).
 """
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -113,6 +114,7 @@ def init_distributed():
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(leave_process_group)
     rank = dist.get_rank() if world > 1 else 0
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -125,6 +127,14 @@ def init_distributed():
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return rank, world, device
+
+
+def leave_process_group():
+    """Left to the interpreter's shutdown, the process group's worker threads can outlive what they
+    hold, and a process whose work is done aborts (SIGABRT) and fails its torchrun: so the group is
+    left at exit, while Python is still whole."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main():

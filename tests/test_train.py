@@ -247,6 +247,31 @@ def test_stage0_under_torchrun_makes_everything_once(tmp_path):
     assert json.loads((out / "llm" / "reading.json").read_text())["seed"] == 0
 
 
+LEAVES_THE_GROUP = """
+import atexit, sys
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+import train
+# registered first, so it runs last: after what init_distributed registers
+atexit.register(lambda: print("group still joined" if dist.is_initialized() else "group left", flush=True))
+train.init_distributed()
+train.barrier()
+"""
+
+
+def test_processes_leave_the_process_group_before_python_shuts_down(tmp_path):
+    """Each process leaves the group at exit, while Python is whole: a gloo group left to the
+    interpreter's shutdown can abort a process whose work is done (SIGABRT, torchrun fails)."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVES_THE_GROUP)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           free_port(), str(script), ROOT]
+    result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("group left") == 2, result.stdout
+
+
 def test_ddp_stage2_on_batches_without_an_image(pipeline, tmp_path):
     """2 processes through stage 2 on text-only conversations: no batch gives the projector a gradient,
     which DDP must be told to expect (it would wait for those gradients and fail at the next step);
