@@ -296,12 +296,14 @@ def next_batch(batches):
 # the loop divides by the global number of targets.
 
 
-def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=None):
+def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=None, unused=False):
     """Train the parameters of `model` that require grad on `train_set`; returns the metrics logged.
 
     model is already on its device; collate_fn turns a list of samples into a batch dict; loss_fn is
     (model, batch) -> (summed loss, number of targets, number of positions); lengths, if given, the
-    length of each training sample: batches are then grouped by length (see epoch_batches)."""
+    length of each training sample: batches are then grouped by length (see epoch_batches); unused:
+    whether a micro-batch may leave a trained parameter without a gradient (DDP must then look for
+    such parameters after every backward, or it waits for their gradients and fails)."""
     rank, world, device = init_distributed()
     master = rank == 0
     raw = model  # the module whose parameters we save; `model` may become a DDP wrapper
@@ -312,10 +314,8 @@ def train(model, train_set, collate_fn, loss_fn, cfg, eval_set=None, lengths=Non
         raw.compile()  # in place: parameter names stay the same (no "_orig_mod." prefix)
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
-        # a micro-batch of text-only conversations gives the projector (and a trained vision tower) no
-        # gradient: DDP must look for such parameters, or it fails at the next step still waiting for them
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=device_ids,
-                                                          find_unused_parameters=True)
+                                                          find_unused_parameters=unused)
     bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if cfg.batch_size % world:

@@ -205,8 +205,12 @@ def run_stage(model, args, tokenizer):
         full, extra = train_set.dataset, model.vision_tower.num_tokens - 1
         lengths = [int(full.lengths[i]) + (extra if full.images[i] else 0) for i in train_set.indices]
     collate = partial(data.collate, pad_id=tokenizer.pad_id)
+    # a micro-batch of text-only conversations gives the projector (and a trained vision tower) no
+    # gradient
+    text_only = not all(train_set.dataset.images[i] for i in train_set.indices)
     return train.train(model, train_set, collate_fn=collate, loss_fn=llava_loss,
-                       cfg=train.train_config(args), eval_set=eval_set, lengths=lengths)
+                       cfg=train.train_config(args), eval_set=eval_set, lengths=lengths,
+                       unused=text_only)
 
 
 def save_projector(model, path):
