@@ -200,14 +200,15 @@ def run_stage(model, args, tokenizer):
     train_set, eval_set = llava_datasets(model, args, tokenizer)
     print(f"{args.data}: {len(train_set)} training samples, "
           f"{len(eval_set)} held out for the eval loss")
+    full, has_image = train_set.dataset, train_set.dataset.has_image
     lengths = None
     if args.group_by_length:  # positions in the LLM: the image placeholder stands for num_tokens of them
-        full, extra = train_set.dataset, model.vision_tower.num_tokens - 1
-        lengths = [int(full.lengths[i]) + (extra if full.images[i] else 0) for i in train_set.indices]
+        extra = model.vision_tower.num_tokens - 1
+        lengths = [int(full.lengths[i]) + (extra if has_image[i] else 0) for i in train_set.indices]
     collate = partial(data.collate, pad_id=tokenizer.pad_id)
     # a micro-batch of text-only conversations gives the projector (and a trained vision tower) no
     # gradient
-    text_only = not all(train_set.dataset.images[i] for i in train_set.indices)
+    text_only = not all(has_image[i] for i in train_set.indices)
     return train.train(model, train_set, collate_fn=collate, loss_fn=llava_loss,
                        cfg=train.train_config(args), eval_set=eval_set, lengths=lengths,
                        unused=text_only)
