@@ -2,7 +2,8 @@
 The synthetic shapes data set: a clean, learnable, offline image-question world for the offline pipeline.
 
 Each 3x3-grid image holds 1 to 3 coloured shapes, one per cell. make_shapes writes the images and
-four LLaVA-format files: captions (stage 1), multi-turn conversations (stage 2, 10% text-only), one
+four LLaVA-format files: captions (stage 1), conversations (stage 2: random multi-turn ones, some
+text-only, and focused ones on finding an object by colour and shape, and on descriptions), one
 held-out question per test image, and the objects of every image (meta.json). The same generator
 writes the stand-in LLM's pretraining text (offline/standins.py), always about freshly drawn scenes.
 
@@ -148,6 +149,36 @@ def random_questions(objects, rng, n_turns=None, hard=False, describe=0.2, disti
     return qas
 
 
+def confusable(objects):
+    """The objects that share their colour or their shape with another one, but not both: only the
+    two together single them out."""
+    same = lambda o, p, keys: all(o[k] == p[k] for k in keys)  # noqa: E731
+    return [o for o in objects
+            if sum(same(o, p, ("color", "shape")) for p in objects) == 1
+            and sum(same(o, p, ("color",)) or same(o, p, ("shape",)) for p in objects) > 1]
+
+
+def focused_conversations(meta, rng):
+    """Stage 2's second source, beside its random conversations (as LLaVA-Instruct has detailed
+    descriptions beside its conversations), on what the projector's tokens make hardest for the LLM:
+    for each training image with a confusable object, "Where is ...?" about each of them and then a
+    description (after the answers, so that they are read from the image, not copied from the
+    description); then a description alone of each training image with more than one object."""
+    lookups, descriptions = [], []
+    for i, m in enumerate(meta):
+        objects = m["objects"]
+        if m["split"] != "train" or len(objects) < 2:
+            continue
+        if hard := confusable(objects):
+            qas = [(f"Where is the {o['color']} {o['shape']}?", CELLS[o["cell"]])
+                   for o in rng.sample(hard, len(hard))]
+            lookups.append(dict(id=f"lookup-{i:05d}", image=m["image"], conversations=chat_turns(
+                qas + [("Describe the image.", caption(objects))], image=True)))
+        descriptions.append(dict(id=f"describe-{i:05d}", image=m["image"], conversations=chat_turns(
+            [("Describe the image.", caption(objects))], image=True)))
+    return lookups + descriptions
+
+
 def make_shapes(out_dir, n_images=4000, seed=0, size=64, test_frac=0.1):
     """Write images/*.png, captions.json (stage 1), instruct.json (stage 2), test.json (held-out
     images, one short-answer question each) and meta.json (the objects of every image); then the
@@ -172,10 +203,11 @@ def make_shapes(out_dir, n_images=4000, seed=0, size=64, test_frac=0.1):
         qas = random_questions(objects, rng)
         instruct.append(dict(id=f"instruct-{i:05d}", image=image,
                              conversations=chat_turns(qas, image=True)))
-    # text-only: ~10% of stage 2, so the LLM keeps answering without images
+    # text-only: one for every nine conversations above, so the LLM keeps answering without images
     for i in range(len(instruct) // 9):
         facts = rng.sample(TEXT_FACTS, rng.randint(1, 2))
         instruct.append(dict(id=f"text-{i:05d}", conversations=chat_turns(facts)))
+    instruct += focused_conversations(meta, rng)
     rng.shuffle(instruct)
     for name, samples in [("captions", captions), ("instruct", instruct), ("test", test)]:
         write_samples(os.path.join(out_dir, f"{name}.json"), samples)

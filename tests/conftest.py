@@ -54,5 +54,5 @@ def pipeline(tmp_path_factory):
     p = dict(root=root, shapes=shapes_dir, vision=vision, llm=llm, pt=os.path.join(root, "pt"),
              sft=os.path.join(root, "sft"))
     p["pt_model"] = train_pt.main(pt_args(p, p["pt"], "--epochs", "6", "--lr", "1e-2"))
-    p["sft_model"] = train_sft.main(sft_args(p, p["sft"], "--epochs", "4", "--lr", "1e-3"))
+    p["sft_model"] = train_sft.main(sft_args(p, p["sft"], "--epochs", "2", "--lr", "1e-3"))
     return p

@@ -626,7 +626,21 @@ def test_make_shapes(tmp_path, tok):
                     if question != "Describe the image.":
                         assert gold(question, objects[s["image"]]) == a["value"]
     instruct = json.loads((tmp_path / "a" / "instruct.json").read_text())
-    assert sum("image" not in s for s in instruct) == len(instruct) // 10
+    kinds = [s["id"].split("-")[0] for s in instruct]
+    assert kinds.count("text") == kinds.count("instruct") // 9
+    assert {k for s, k in zip(instruct, kinds) if "image" not in s} == {"text"}
+    # the focused conversations: one "where" per confusable object, then a description; a description
+    # alone of every training image with more than one object
+    train = {m["image"]: m["objects"] for m in meta["images"] if m["split"] == "train"}
+    lookups = {s["image"]: s["conversations"] for s in instruct if s["id"].startswith("lookup-")}
+    assert lookups and set(lookups) == {i for i, o in train.items() if shapes.confusable(o)}
+    for image, turns in lookups.items():
+        asked = {q["value"].removeprefix("<image>\n") for q in turns[:-2:2]}
+        assert asked == {f"Where is the {o['color']} {o['shape']}?"
+                         for o in shapes.confusable(train[image])}
+        assert [t["value"] for t in turns[-2:]] == ["Describe the image.", shapes.caption(train[image])]
+    described = [s["image"] for s in instruct if s["id"].startswith("describe-")]
+    assert sorted(described) == sorted(i for i, o in train.items() if len(o) > 1)
     for name in ("captions", "instruct", "test"):  # every file passes the dataset's checks
         ds = data.ConversationDataset(str(tmp_path / "a" / f"{name}.json"), tok,
                                       "plain" if name == "captions" else "vicuna_v1",
@@ -658,6 +672,17 @@ def test_make_shapes(tmp_path, tok):
     test_texts = set(standins.iter_texts(str(tmp_path / "a" / "test.json")))
     instruct_texts = set(standins.iter_texts(str(tmp_path / "a" / "instruct.json")))
     assert "How many shapes are there?" in test_texts | instruct_texts
+
+
+def test_confusable_objects_need_colour_and_shape():
+    red_circle, red_square, blue_circle, green_triangle = (
+        dict(color=c, shape=s) for c, s in (("red", "circle"), ("red", "square"), ("blue", "circle"),
+                                            ("green", "triangle")))
+    assert shapes.confusable([red_circle, red_square, green_triangle]) == [red_circle, red_square]
+    assert shapes.confusable([red_circle, blue_circle, red_square]) == [red_circle, blue_circle, red_square]
+    assert shapes.confusable([red_circle, green_triangle]) == []
+    # two red circles: no question names one of them
+    assert shapes.confusable([red_circle, dict(red_circle), red_square]) == [red_square]
 
 
 def test_hard_questions_ask_about_near_misses():
