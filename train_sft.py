@@ -35,7 +35,7 @@ ADAPTERS_FILE = "adapters.safetensors"  # with --lora-r: the adapters alone, bes
 RECIPE = dict(lr=2e-5, weight_decay=0.0, warmup=0.03, epochs=1, batch_size=128, micro_batch_size=16,
               out_dir="runs/sft", group_by_length=True)
 # offline: 2e-5 suits a large pretrained LLM; our 0.6M-parameter stand-in sees 8k conversations and
-# needs a lr close to its own pretraining one (1.5e-3) to move at all (docs/results.md)
+# needs a lr close to its own pretraining one (2e-3) to move at all (docs/results.md)
 OFFLINE = dict(RECIPE, lr=1e-3, epochs=3, batch_size=32, micro_batch_size=32, eval_every=100)
 OFFLINE_TEMPLATE = "chatml"  # the stand-in LLM was pretrained on chatml conversations
 
